@@ -1,0 +1,324 @@
+"""One typed configuration for every part of rk-distill.
+
+A run's configuration is built in three layers, each overriding the last:
+the student preset (`--preset tiny`), an optional JSON/YAML file (`--config run.yaml`),
+then command-line flags (`--model.d_model 256`, or the short aliases such as `--max_steps`).
+The resolved configuration is saved with every run and checkpoint.
+
+This module imports no torch: scripts that only read configs stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+def _field(default: Any, help: str, choices: tuple | None = None, low: float | None = None,
+           high: float | None = None) -> Any:
+    meta = {"help": help, "choices": choices, "low": low, "high": high}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+DIRECTIONS = ("zh-en", "en-zh")
+
+
+@dataclass
+class ModelConfig:
+    """The student translator's shape (see model.py)."""
+    preset: str = _field("tiny", "student preset the other model fields started from",
+                         choices=("tiny", "balanced", "performance", "bergamot", "custom"))
+    d_model: int = _field(128, "width of every layer", low=16, high=2048)
+    n_heads: int = _field(4, "attention heads; must divide d_model", low=1, high=64)
+    encoder_layers: int = _field(3, "encoder layers", low=1, high=24)
+    decoder_layers: int = _field(2, "decoder layers", low=1, high=24)
+    ffn_dim: int = _field(512, "inner width of each feed-forward block", low=16, high=16384)
+    decoder: str = _field("transformer", "decoder kind: self-attention with a KV cache, or a "
+                          "fixed-state SSRU recurrence (cheapest per step on an NPU)",
+                          choices=("transformer", "recurrent"))
+    dropout: float = _field(0.1, "dropout probability in training", low=0.0, high=0.9)
+    max_source_len: int = _field(48, "longest source, in tokens (the static length of deployed graphs)",
+                                 low=4, high=1024)
+    max_target_len: int = _field(48, "longest translation, in tokens, end token included", low=4, high=1024)
+
+
+@dataclass
+class DataConfig:
+    """Where the parallel corpus comes from and how it becomes examples."""
+    path: str = _field("data/catalogs", "corpus: a folder with train/valid/test.jsonl, a .jsonl/.tsv file, "
+                       "a datasets folder saved with save_to_disk, or a datasets hub name such as wmt19:zh-en")
+    directions: list = _field(list(DIRECTIONS), "translation directions to train, each one example per pair")
+    vocab_size: int = _field(8000, "student vocabulary: the most frequent teacher token ids in the training "
+                             "corpus (special and byte tokens are always added)", low=300, high=200000)
+    max_chars: int = _field(200, "longest side of a pair, in characters; longer pairs are bad lines",
+                            low=8, high=100000)
+    on_bad_line: str = _field("error", "a malformed corpus line: stop with its file and line, or skip and count",
+                              choices=("error", "skip"))
+    tokens_per_batch: int = _field(0, "fill each micro-batch up to this many target+source tokens with "
+                                   "length bucketing; 0 = use train.micro_batch_size sentences", low=0, high=10**7)
+    valid_subset: int = _field(200, "validation pairs used for BLEU during training", low=1, high=10**6)
+
+
+@dataclass
+class DistillConfig:
+    """How the student learns from the teacher."""
+    kd_loss: str = _field("forward_kl", "divergence between teacher and student token distributions",
+                          choices=("forward_kl", "reverse_kl", "jsd"))
+    alpha: float = _field(0.5, "weight of the KD term; 1 - alpha weighs cross-entropy on the reference",
+                          low=0.0, high=1.0)
+    temperature: float = _field(2.0, "softens both distributions; the KD term is scaled by T^2",
+                                low=0.05, high=100.0)
+    beta: float = _field(0.5, "JSD mixture weight (0 tends to forward KL, 1 to reverse KL)", low=0.0, high=1.0)
+    teacher_offload: bool = _field(False, "keep the teacher's shards in CPU memory (slowest, least GPU memory)")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop and its outputs."""
+    out: str = _field("runs/default", "run folder: checkpoints/, tb/, final/, train.log, config.json")
+    teacher: str = _field("models/tiny-qwen", "teacher folder (Hugging Face Qwen causal LM)")
+    ds_config: str = _field("ds_configs/zero3.json", "DeepSpeed config for the trained model")
+    teacher_ds_config: str = _field("ds_configs/teacher_zero3.json", "DeepSpeed config for the frozen teacher")
+    lr: float = _field(1e-3, "peak learning rate (AdamW)", low=1e-7, high=1.0)
+    weight_decay: float = _field(0.01, "AdamW weight decay", low=0.0, high=1.0)
+    warmup_steps: int = _field(50, "linear warm-up steps before cosine decay", low=0, high=10**7)
+    min_lr_ratio: float = _field(0.1, "cosine decay floor, as a fraction of lr", low=0.0, high=1.0)
+    micro_batch_size: int = _field(16, "sentences per rank per micro-batch", low=1, high=100000)
+    grad_accum: int = _field(1, "micro-batches per optimiser step", low=1, high=1024)
+    grad_clip: float = _field(1.0, "clip the global gradient norm to this (0 = off)", low=0.0, high=1e6)
+    max_steps: int = _field(0, "stop after this many optimiser steps (0 = run the epochs)", low=0, high=10**9)
+    epochs: int = _field(1, "passes over the training examples when max_steps is 0", low=1, high=10**6)
+    eval_every: int = _field(100, "validate (loss, BLEU, chrF) every N steps", low=1, high=10**9)
+    save_every: int = _field(200, "checkpoint every N steps (also at the end and on SIGTERM/SIGINT)",
+                             low=1, high=10**9)
+    keep: int = _field(2, "checkpoints kept on disk (older ones are deleted)", low=1, high=1000)
+    patience: int = _field(0, "stop after this many evaluations without a better BLEU (0 = never)",
+                           low=0, high=10**6)
+    log_every: int = _field(10, "log a line to the console every N steps (TensorBoard gets every step)",
+                            low=1, high=10**6)
+    seed: int = _field(1234, "random seed for initialisation, shuffling and dropout", low=0, high=2**31 - 1)
+    bf16: str = _field("auto", "bf16 compute: auto = on GPUs that support it, off on CPU",
+                       choices=("auto", "on", "off"))
+    max_bad_steps: int = _field(5, "stop after this many non-finite steps in a row", low=1, high=10**6)
+
+
+@dataclass
+class DeployConfig:
+    """Turning a student folder into a board bundle."""
+    target: str = _field("rv1126b", "Rockchip platform for rknn-toolkit2")
+    precision: str = _field("auto", "RKNN precision; auto picks the smallest within 1 BLEU of fp32",
+                            choices=("auto", "w8a8", "fp16", "w4a16", "hybrid"))
+    quant_algorithm: str = _field("normal", "int8 calibration algorithm", choices=("normal", "mmse", "kl_divergence"))
+    calib_samples: int = _field(50, "sentences used to calibrate int8 quantisation", low=1, high=10000)
+    opset: int = _field(17, "ONNX opset", low=17, high=23)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+
+
+# Presets fix the student's shape and its vocabulary cap; parameter counts are printed by
+# `python model.py --preset NAME` (tiny ~3M, balanced ~20M, performance ~57M, bergamot ~17M).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {"model": dict(d_model=128, n_heads=4, encoder_layers=3, decoder_layers=2, ffn_dim=512,
+                           decoder="transformer"),
+             "data": dict(vocab_size=8000)},
+    "balanced": {"model": dict(d_model=320, n_heads=8, encoder_layers=6, decoder_layers=3, ffn_dim=1280,
+                               decoder="transformer"),
+                 "data": dict(vocab_size=24000)},
+    "performance": {"model": dict(d_model=512, n_heads=8, encoder_layers=6, decoder_layers=4, ffn_dim=2048,
+                                  decoder="transformer"),
+                    "data": dict(vocab_size=32000)},
+    # Mozilla's on-device students: a deep encoder and a shallow SSRU decoder.
+    "bergamot": {"model": dict(d_model=256, n_heads=8, encoder_layers=6, decoder_layers=2, ffn_dim=1536,
+                               decoder="recurrent"),
+                 "data": dict(vocab_size=32000)},
+}
+
+# Short flags users type most; each maps to one dotted field.
+ALIASES = {
+    "preset": "model.preset", "teacher": "train.teacher", "data": "data.path", "out": "train.out",
+    "max_steps": "train.max_steps", "epochs": "train.epochs", "eval_every": "train.eval_every",
+    "save_every": "train.save_every", "keep": "train.keep", "patience": "train.patience",
+    "lr": "train.lr", "seed": "train.seed", "micro_batch_size": "train.micro_batch_size",
+    "kd_loss": "distill.kd_loss", "alpha": "distill.alpha", "temperature": "distill.temperature",
+    "on_bad_line": "data.on_bad_line", "max_bad_steps": "train.max_bad_steps",
+}
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _coerce(section: str, name: str, value: Any, kind: type) -> Any:
+    where = f"{section}.{name}"
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if kind is list:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise ConfigError(f"{where}: expected a comma-separated list, got {value!r}")
+    try:
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    """Set `section.field` on cfg, coercing the value to the field's type."""
+    section, _, name = dotted.partition(".")
+    types = _section_types()
+    if section not in types or not name:
+        raise ConfigError(f"unknown config key {dotted!r}; keys look like model.d_model "
+                          f"(sections: {', '.join(types)})")
+    sub = getattr(cfg, section)
+    hints = typing.get_type_hints(types[section])
+    if name not in hints:
+        known = ", ".join(f.name for f in dataclasses.fields(sub))
+        raise ConfigError(f"unknown config key {dotted!r}; {section} has: {known}")
+    setattr(sub, name, _coerce(section, name, value, hints[name]))
+
+
+def apply_preset(cfg: Config, preset: str) -> None:
+    if preset not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    for section, values in PRESETS[preset].items():
+        for name, value in values.items():
+            set_value(cfg, f"{section}.{name}", value)
+    cfg.model.preset = preset
+
+
+def validate(cfg: Config) -> Config:
+    """Check every field against its declared choices and range; raise one ConfigError listing the first bad one."""
+    for section in SECTIONS:
+        sub = getattr(cfg, section)
+        for f in dataclasses.fields(sub):
+            value, meta = getattr(sub, f.name), f.metadata
+            where = f"{section}.{f.name}"
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(meta['choices'])}")
+            low, high = meta.get("low"), meta.get("high")
+            if low is not None and isinstance(value, (int, float)) and not low <= value <= high:
+                raise ConfigError(f"{where}: {value} is out of range; allowed {low} to {high}")
+    if cfg.model.d_model % cfg.model.n_heads:
+        raise ConfigError(f"model.n_heads: {cfg.model.n_heads} does not divide model.d_model={cfg.model.d_model}; "
+                          "pick a head count that divides the width")
+    bad = [d for d in cfg.data.directions if d not in DIRECTIONS]
+    if bad or not cfg.data.directions:
+        raise ConfigError(f"data.directions: {bad or 'empty'} not allowed; use a subset of {', '.join(DIRECTIONS)}")
+    return cfg
+
+
+def load_file(path: str | Path) -> dict:
+    """Read a nested {section: {field: value}} mapping from JSON or YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # both parsers raise their own error types
+        raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, data, ...), got {type(data).__name__}")
+    return data
+
+
+def from_mapping(data: dict, cfg: Config | None = None, origin: str = "config") -> Config:
+    """Apply a nested mapping on top of cfg (a preset named in it is applied first)."""
+    cfg = cfg or Config()
+    preset = (data.get("model") or {}).get("preset")
+    if preset and preset != "custom":
+        apply_preset(cfg, preset)
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{origin}: unknown section {section!r}; sections are {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: section {section!r} must be a mapping")
+        for name, value in values.items():
+            set_value(cfg, f"{section}.{name}", value)
+    return cfg
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --config, every dotted field and the short aliases to parser (all defaulting to 'not given')."""
+    parser.add_argument("--config", help="JSON or YAML file with sections model/data/distill/train/deploy; "
+                        "applied after the preset, before the flags")
+    reverse_alias = {v: k for k, v in ALIASES.items()}
+    types = _section_types()
+    for section, section_type in types.items():
+        group = parser.add_argument_group(f"{section} options")
+        for f in dataclasses.fields(section_type):
+            dotted = f"{section}.{f.name}"
+            names = [f"--{dotted}"] + ([f"--{reverse_alias[dotted]}"] if dotted in reverse_alias else [])
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            extra = f" (one of: {', '.join(f.metadata['choices'])})" if f.metadata.get("choices") else ""
+            group.add_argument(*names, dest=dotted, default=None, metavar=f.name.upper(),
+                               help=f"{f.metadata['help']}{extra} [default: {default}]")
+
+
+def from_args(args: argparse.Namespace) -> Config:
+    """Preset, then --config file, then explicit flags; validated."""
+    given = {k: v for k, v in vars(args).items() if "." in k and v is not None}
+    cfg = Config()
+    preset = given.get("model.preset")
+    file_data = load_file(args.config) if getattr(args, "config", None) else {}
+    if preset is None:
+        preset = (file_data.get("model") or {}).get("preset", cfg.model.preset)
+    if preset != "custom":
+        apply_preset(cfg, preset)
+    from_mapping({s: {k: v for k, v in vals.items() if k != "preset"} for s, vals in file_data.items()
+                  if isinstance(vals, dict)} if file_data else {}, cfg, origin=str(args.config))
+    for dotted, value in given.items():
+        set_value(cfg, dotted, value)
+    return validate(cfg)
+
+
+def from_json_file(path: str | Path) -> Config:
+    """Load a resolved config saved by a run (no preset re-applied: the file is complete)."""
+    data = load_file(path)
+    cfg = Config()
+    for section, values in data.items():
+        if section in SECTIONS:
+            for name, value in values.items():
+                set_value(cfg, f"{section}.{name}", value)
+    return validate(cfg)

@@ -1,0 +1,602 @@
+"""Parallel zh/en data: reading, validation, the gettext catalog corpus, vocabulary trimming,
+aligned teacher/student examples, and deterministic batching.
+
+The teacher (a Qwen causal LM) sees each pair as a chat: an instruction plus the source as the user turn,
+the target as the assistant turn. The student (an encoder-decoder) sees the source plus a direction id.
+Both predict the *same* target token ids at the same positions, so their logits can be compared
+position by position (see `collate`).
+"""
+
+from __future__ import annotations
+
+import gettext
+import hashlib
+import json
+import logging
+import random
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+LANGUAGE_NAMES = {"zh": "Chinese", "en": "English"}
+IGNORE_INDEX = -100
+
+
+class CorpusError(ValueError):
+    """A corpus source cannot be read or holds malformed lines (message names file, line and reason)."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    zh: str
+    en: str
+    source: str = ""  # catalog or file the pair came from; used to split without leaks
+
+    def side(self, lang: str) -> str:
+        return self.zh if lang == "zh" else self.en
+
+
+# --------------------------------------------------------------------------- reading and validation
+
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
+_LATIN = re.compile(r"[A-Za-z]")
+
+
+def problem_with(zh: object, en: object, max_chars: int) -> str | None:
+    """Why a pair is unusable, or None when it is fine."""
+    for lang, text in (("zh", zh), ("en", en)):
+        if not isinstance(text, str):
+            return f"field {lang!r} is missing or not a string"
+        if not text.strip():
+            return f"field {lang!r} is empty"
+        if len(text) > max_chars:
+            return f"field {lang!r} has {len(text)} characters, more than data.max_chars={max_chars}"
+    if not _CJK.search(zh):
+        return "field 'zh' has no Chinese characters (are the columns swapped?)"
+    if not _LATIN.search(en):
+        return "field 'en' has no Latin letters"
+    if zh.strip() == en.strip():
+        return "source equals target"
+    return None
+
+
+def _pair_from_record(record: object) -> tuple[object, object]:
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    if "translation" in record:  # the Hugging Face WMT schema
+        inner = record["translation"]
+        if not isinstance(inner, dict):
+            raise ValueError("field 'translation' is not an object")
+        return inner.get("zh"), inner.get("en")
+    return record.get("zh"), record.get("en")
+
+
+def _parse_line(raw: bytes, suffix: str) -> tuple[object, object, str]:
+    text = raw.decode("utf-8")  # UnicodeDecodeError is reported by the caller
+    if suffix == ".tsv":
+        cols = text.rstrip("\r\n").split("\t")
+        if len(cols) != 2:
+            raise ValueError(f"expected 2 tab-separated columns (zh, en), found {len(cols)}")
+        return cols[0], cols[1], ""
+    record = json.loads(text)
+    zh, en = _pair_from_record(record)
+    return zh, en, str(record.get("catalog", "")) if isinstance(record, dict) else ""
+
+
+def read_pairs(path: str | Path, on_bad_line: str = "error", max_chars: int = 200) -> list[Pair]:
+    """Read a .jsonl ({"zh","en"} or {"translation": {...}}) or .tsv (zh<TAB>en) file.
+
+    Every line is checked; with on_bad_line='error' all problems are collected and raised together,
+    with 'skip' bad lines are dropped and counted in the log.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"{path}: file not found")
+    suffix = ".tsv" if path.suffix == ".tsv" else ".jsonl"
+    pairs: list[Pair] = []
+    problems: list[str] = []
+    first_seen: dict[tuple[str, str], int] = {}
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
+                continue
+            try:
+                zh, en, source = _parse_line(raw, suffix)
+            except UnicodeDecodeError as exc:
+                problems.append(f"{path}:{number}: not UTF-8 (byte {exc.start}); re-encode the file as UTF-8")
+                continue
+            except ValueError as exc:  # json.JSONDecodeError is a ValueError
+                problems.append(f"{path}:{number}: invalid {suffix.lstrip('.').upper()}: {exc}")
+                continue
+            reason = problem_with(zh, en, max_chars)
+            if reason is None and (zh, en) in first_seen:
+                reason = f"exact duplicate of line {first_seen[(zh, en)]}"
+            if reason:
+                problems.append(f"{path}:{number}: {reason}")
+                continue
+            first_seen[(zh, en)] = number
+            pairs.append(Pair(zh, en, source or path.stem))
+    if problems and on_bad_line == "error":
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise CorpusError(f"{len(problems)} bad line(s) in {path}:\n  {shown}{more}\n"
+                          "Fix them, or pass --on_bad_line skip to drop and count them.")
+    if problems:
+        log.warning("%s: skipped %d bad line(s) of %d (first: %s)", path, len(problems),
+                    len(problems) + len(pairs), problems[0])
+    return pairs
+
+
+def _pairs_from_dataset(rows: Iterable[dict], origin: str, on_bad_line: str, max_chars: int) -> list[Pair]:
+    pairs, bad = [], []
+    for index, row in enumerate(rows):
+        try:
+            zh, en = _pair_from_record(row)
+        except ValueError as exc:
+            bad.append(f"{origin}[{index}]: {exc}")
+            continue
+        reason = problem_with(zh, en, max_chars)
+        if reason:
+            bad.append(f"{origin}[{index}]: {reason}")
+        else:
+            pairs.append(Pair(zh, en, origin))
+    if bad and on_bad_line == "error":
+        raise CorpusError(f"{len(bad)} bad row(s), first: {bad[0]}; pass --on_bad_line skip to drop them")
+    if bad:
+        log.warning("%s: skipped %d bad row(s)", origin, len(bad))
+    return pairs
+
+
+def load_split(path: str | Path, split: str, on_bad_line: str = "error", max_chars: int = 200) -> list[Pair]:
+    """One split of a corpus given by folder, file, saved `datasets` folder, or hub name (`wmt19:zh-en`)."""
+    text = str(path)
+    p = Path(path)
+    if p.is_dir() and (p / f"{split}.jsonl").is_file():
+        return read_pairs(p / f"{split}.jsonl", on_bad_line, max_chars)
+    if p.is_dir() and (p / f"{split}.tsv").is_file():
+        return read_pairs(p / f"{split}.tsv", on_bad_line, max_chars)
+    if p.is_file():
+        if split != "train":
+            raise CorpusError(f"{p}: a single file is only a train split; give a folder with {split}.jsonl")
+        return read_pairs(p, on_bad_line, max_chars)
+    if p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file()):
+        import datasets
+        loaded = datasets.load_from_disk(str(p))
+        table = loaded[_hf_split(loaded, split, text)] if isinstance(loaded, datasets.DatasetDict) else loaded
+        return _pairs_from_dataset(table, f"{p}:{split}", on_bad_line, max_chars)
+    if p.exists():
+        raise CorpusError(f"{p}: no {split}.jsonl/{split}.tsv here and not a datasets folder")
+    if re.fullmatch(r"[\w.\-/]+(:[\w.\-]+)?", text) and not text.startswith(("/", ".")):
+        import datasets
+        name, _, subset = text.partition(":")
+        try:
+            loaded = datasets.load_dataset(name, subset or None)
+        except Exception as exc:  # the hub raises many types; all mean "cannot load this"
+            raise CorpusError(f"{text}: datasets.load_dataset failed ({type(exc).__name__}: {exc}); "
+                              "check the name and that the hub or a local cache is reachable") from None
+        return _pairs_from_dataset(loaded[_hf_split(loaded, split, text)], f"{text}:{split}", on_bad_line, max_chars)
+    raise CorpusError(f"{path}: not found (expected a folder, a .jsonl/.tsv file, or a datasets name)")
+
+
+def _hf_split(loaded, split: str, origin: str) -> str:
+    for name in {"valid": ("validation", "valid", "dev"), "test": ("test",), "train": ("train",)}[split]:
+        if name in loaded:
+            return name
+    raise CorpusError(f"{origin}: no {split} split (has {', '.join(loaded)})")
+
+
+def write_jsonl(pairs: Iterable[Pair], path: str | Path) -> int:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for pair in pairs:
+            handle.write(json.dumps({"zh": pair.zh, "en": pair.en, "catalog": pair.source}, ensure_ascii=False) + "\n")
+            count += 1
+    tmp.replace(path)
+    return count
+
+
+# --------------------------------------------------------------------------- the gettext catalog corpus
+
+# printf directives (%s, %1$d, %-10.3lf, %'d), Python/brace fields ({0}, {name}), and shell-ish ${VAR}
+_DIRECTIVE = re.compile(r"%(\d+\$)?[-+ #0']*(\d+|\*)?(\.(\d+|\*))?(hh|h|ll|l|L|q|j|z|t|I64|I32)?[diouxXeEfFgGaAcspn%]"
+                        r"|%<\w+>|\{[\w.\[\]]*\}|\$\{\w+\}")
+_ACCEL_SUFFIX = re.compile(r"[(（]\s*[_&]?[A-Za-z0-9]\s*[)）]")  # "打开(_O)" or "(&O)"
+_ACCEL_MARK = re.compile(r"(?<![\w&])[_&](?=\w)")  # "_File", "&Open"
+_TRADEMARK = re.compile(r"\((R|TM|C)\)")
+_SPACES = re.compile(r"\s+")
+
+
+def clean_catalog_text(text: str) -> str:
+    text = _DIRECTIVE.sub(" ", text)
+    text = _ACCEL_SUFFIX.sub("", text)
+    text = _ACCEL_MARK.sub("", text)
+    text = _TRADEMARK.sub("", text)
+    text = text.replace("\\n", " ")
+    return _SPACES.sub(" ", text).strip(" :：.…")
+
+
+def read_catalog(path: str | Path) -> list[Pair]:
+    """English msgid -> Chinese msgstr pairs of one compiled .mo catalog, cleaned."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            catalog = gettext.GNUTranslations(handle)._catalog  # the parsed msgid -> msgstr mapping
+    except Exception as exc:  # the .mo parser raises OSError, struct.error, UnicodeDecodeError, ...
+        raise CorpusError(f"{path}: not a readable gettext catalog ({exc})") from None
+    pairs = []
+    for msgid, msgstr in catalog.items():
+        if not isinstance(msgid, str) or not msgid or "\x00" in msgid:  # header, plural forms
+            continue
+        if "\x04" in msgid:  # a msgctxt prefix
+            msgid = msgid.split("\x04", 1)[1]
+        en, zh = clean_catalog_text(msgid), clean_catalog_text(msgstr)
+        pairs.append(Pair(zh, en, path.stem))
+    return pairs
+
+
+@dataclass
+class CorpusStats:
+    raw_pairs: int = 0
+    kept_pairs: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    pairs: dict = field(default_factory=dict)
+    catalogs: dict = field(default_factory=dict)
+
+
+def build_catalog_corpus(locale_dir: str | Path, out_dir: str | Path, language: str = "zh_CN",
+                         valid_fraction: float = 0.05, test_fraction: float = 0.05, seed: int = 0,
+                         max_chars: int = 200, min_catalogs: int = 3) -> CorpusStats:
+    """Read every LANGUAGE gettext catalog under locale_dir and write train/valid/test.jsonl split by catalog.
+
+    Whole catalogs go to one split, so a product's strings never leak from train to test; a pair whose
+    English or Chinese side also occurs in train is dropped from valid/test for the same reason.
+    """
+    files = sorted(Path(locale_dir).glob(f"{language}/LC_MESSAGES/*.mo"))
+    if len(files) < min_catalogs:
+        raise CorpusError(f"{locale_dir}: found {len(files)} {language} catalog(s), need at least {min_catalogs}. "
+                          "Install translations (for example `apt-get install coreutils bash gettext` with "
+                          "locales), point --gettext at another locale folder, or pass your own corpus with --data.")
+    stats = CorpusStats()
+    by_catalog: dict[str, list[Pair]] = {}
+    seen: set[str] = set()
+    for file in files:
+        for pair in read_catalog(file):
+            stats.raw_pairs += 1
+            reason = problem_with(pair.zh, pair.en, max_chars)
+            if reason:
+                stats.dropped[reason.split(" (")[0] if "characters" not in reason else "too long"] += 1
+                continue
+            if pair.en in seen:
+                stats.dropped["duplicate"] += 1
+                continue
+            seen.add(pair.en)
+            by_catalog.setdefault(pair.source, []).append(pair)
+
+    names = sorted(by_catalog)
+    random.Random(seed).shuffle(names)
+    total = sum(len(v) for v in by_catalog.values())
+    split_of: dict[str, str] = {}
+    budget = {"test": test_fraction * total, "valid": valid_fraction * total}
+    for name in names:
+        size = len(by_catalog[name])
+        target = next((s for s in ("test", "valid") if budget[s] > 0 and size <= 0.6 * total * max(
+            test_fraction, valid_fraction) + 1), "train")
+        split_of[name] = target
+        if target != "train":
+            budget[target] -= size
+
+    train_sides = {side for name, ps in by_catalog.items() if split_of[name] == "train"
+                   for p in ps for side in (p.zh, p.en)}
+    out_dir = Path(out_dir)
+    for split in SPLITS:
+        chosen = [p for name in sorted(by_catalog) if split_of[name] == split for p in by_catalog[name]]
+        if split != "train":
+            kept = [p for p in chosen if p.zh not in train_sides and p.en not in train_sides]
+            stats.dropped["also in train"] += len(chosen) - len(kept)
+            chosen = kept
+        stats.pairs[split] = write_jsonl(chosen, out_dir / f"{split}.jsonl")
+        stats.catalogs[split] = sorted(name for name in by_catalog if split_of[name] == split)
+    stats.kept_pairs = sum(stats.pairs.values())
+    (out_dir / "stats.json").write_text(json.dumps({
+        "raw_pairs": stats.raw_pairs, "kept_pairs": stats.kept_pairs, "pairs": stats.pairs,
+        "catalogs_per_split": {s: len(c) for s, c in stats.catalogs.items()}, "catalogs": stats.catalogs,
+        "dropped": dict(stats.dropped), "source": str(locale_dir), "seed": seed}, indent=2, ensure_ascii=False) + "\n")
+    return stats
+
+
+# --------------------------------------------------------------------------- vocabulary trimming
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2/Qwen byte-level BPE's printable stand-in character for each byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+BYTE_TO_CHAR = _byte_level_alphabet()
+CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the token -> id table: two tokenizers with equal fingerprints give equal ids."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+class VocabMismatchError(ValueError):
+    """Teacher, student and vocabulary map were not built from the same tokenizer."""
+
+
+@dataclass
+class VocabMap:
+    """Student id i is teacher id teacher_ids[i]; other teacher ids are spelled with byte tokens."""
+    teacher_ids: list[int]
+    teacher_vocab_size: int
+    tokenizer_sha256: str
+
+    FILE = "vocab_map.json"
+
+    def __post_init__(self) -> None:
+        self.student_of = {t: s for s, t in enumerate(self.teacher_ids)}
+
+    @property
+    def size(self) -> int:
+        return len(self.teacher_ids)
+
+    def save(self, folder: str | Path) -> None:
+        Path(folder, self.FILE).write_text(json.dumps({
+            "teacher_ids": self.teacher_ids, "teacher_vocab_size": self.teacher_vocab_size,
+            "tokenizer_sha256": self.tokenizer_sha256}) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "VocabMap":
+        path = Path(folder, cls.FILE)
+        if not path.is_file():
+            raise VocabMismatchError(f"{path}: missing; a student folder needs the vocabulary map it was trained with")
+        data = json.loads(path.read_text())
+        return cls(list(data["teacher_ids"]), int(data["teacher_vocab_size"]), data["tokenizer_sha256"])
+
+    @classmethod
+    def full(cls, tokenizer, teacher_vocab_size: int) -> "VocabMap":
+        """Keep every tokenizer id: the teacher's own view, used when fine-tuning the teacher."""
+        return cls(sorted(set(tokenizer.get_vocab().values())), teacher_vocab_size, tokenizer_fingerprint(tokenizer))
+
+    def check_tokenizer(self, tokenizer, what: str) -> None:
+        if tokenizer_fingerprint(tokenizer) != self.tokenizer_sha256:
+            raise VocabMismatchError(
+                f"{what}: its tokenizer differs from the one the student vocabulary was built from. "
+                "Teacher and student must share one tokenizer: distil with the teacher whose tokenizer "
+                "built the vocabulary map, or rebuild the map (start a new run) for this teacher.")
+
+
+def byte_token_ids(tokenizer) -> list[int]:
+    """Teacher ids of the 256 single-byte tokens; byte-level BPE always has them."""
+    vocab = tokenizer.get_vocab()
+    missing = [b for b in range(256) if BYTE_TO_CHAR[b] not in vocab]
+    if missing:
+        raise VocabMismatchError(f"tokenizer has no single-byte token for {len(missing)} byte(s) (first {missing[0]}); "
+                                 "rk-distill needs a byte-level BPE tokenizer such as Qwen's")
+    return [vocab[BYTE_TO_CHAR[b]] for b in range(256)]
+
+
+def build_vocab_map(tokenizer, texts: Iterable[str], size: int, teacher_vocab_size: int) -> VocabMap:
+    """Top-`size` teacher ids by frequency in texts, plus all special and byte tokens, in teacher id order."""
+    counts: Counter = Counter()
+    texts = list(texts)
+    for start in range(0, len(texts), 4096):
+        for ids in tokenizer(texts[start:start + 4096], add_special_tokens=False)["input_ids"]:
+            counts.update(ids)
+    required = set(byte_token_ids(tokenizer)) | set(tokenizer.all_special_ids)
+    required |= {tokenizer.convert_tokens_to_ids(t) for t in (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)}
+    if None in required or any(i is None or i < 0 for i in required):
+        raise VocabMismatchError(f"tokenizer lacks one of {PAD_TOKEN}, {BOS_TOKEN}, {EOS_TOKEN} (Qwen's specials)")
+    room = max(0, size - len(required))
+    frequent = [t for t, _ in counts.most_common() if t not in required][:room]
+    ids = sorted(required | set(frequent))
+    return VocabMap(ids, teacher_vocab_size, tokenizer_fingerprint(tokenizer))
+
+
+# --------------------------------------------------------------------------- examples
+
+@dataclass
+class Example:
+    direction: int          # index into DIRECTIONS
+    source_ids: list[int]   # student ids of the source
+    prompt_ids: list[int]   # teacher ids: chat-template prompt ending with the assistant header
+    target_ids: list[int]   # teacher ids of the target followed by eos; every id is in the student vocabulary
+    source_text: str = ""
+    reference: str = ""
+
+
+def direction_index(direction: str) -> int:
+    from config import DIRECTIONS
+    return DIRECTIONS.index(direction)
+
+
+def instruction(direction: str) -> str:
+    src, tgt = direction.split("-")
+    return f"Translate the following text from {LANGUAGE_NAMES[src]} to {LANGUAGE_NAMES[tgt]}."
+
+
+class ExampleBuilder:
+    """Turns pairs into aligned teacher/student examples with one tokenizer and one vocabulary map."""
+
+    def __init__(self, tokenizer, vocab: "VocabMap", max_source_len: int, max_target_len: int):
+        self.tokenizer, self.vocab = tokenizer, vocab
+        self.max_source_len, self.max_target_len = max_source_len, max_target_len
+        bytes_ids = byte_token_ids(tokenizer)
+        self._bytes_of_token = {}
+        for token, tid in tokenizer.get_vocab().items():
+            if tid not in vocab.student_of and all(c in CHAR_TO_BYTE for c in token):
+                self._bytes_of_token[tid] = [bytes_ids[CHAR_TO_BYTE[c]] for c in token]
+        self.pad_id = vocab.student_of[tokenizer.convert_tokens_to_ids(PAD_TOKEN)]
+        self.bos_id = vocab.student_of[tokenizer.convert_tokens_to_ids(BOS_TOKEN)]
+        self.eos_teacher_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+        self.eos_id = vocab.student_of[self.eos_teacher_id]
+        self._parts: dict[str, tuple[list[int], list[int]]] = {}
+
+    def _restrict(self, natural: list[int]) -> list[int]:
+        out: list[int] = []
+        for tid in natural:
+            if tid in self.vocab.student_of:
+                out.append(tid)
+            elif tid in self._bytes_of_token:
+                out.extend(self._bytes_of_token[tid])
+            else:
+                raise VocabMismatchError(f"teacher token id {tid} is neither kept nor spellable in bytes")
+        return out
+
+    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+
+    def teacher_ids(self, text: str) -> list[int]:
+        """Teacher-space ids restricted to the student vocabulary (unkept tokens spelled in bytes)."""
+        return self._restrict(self._encode([text])[0])
+
+    def student_ids(self, text: str) -> list[int]:
+        return [self.vocab.student_of[t] for t in self.teacher_ids(text)]
+
+    def prompt_text(self, source: str, direction: str) -> str:
+        messages = [{"role": "user", "content": f"{instruction(direction)}\n{source}"}]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _prompt_parts(self, direction: str) -> tuple[list[int], list[int]]:
+        """Token ids before and after the source in the rendered chat prompt.
+
+        The source is tokenized on its own and spliced in: the prefix ends with a newline and the suffix
+        starts with a special token, both pre-tokenizer boundaries in Qwen's split pattern, so the splice
+        gives the same ids as tokenizing the whole prompt (tests check it on the corpus) at a fraction of
+        the cost of rendering the template for every example.
+        """
+        if direction not in self._parts:
+            marker = "\u2063SOURCE\u2063"
+            rendered = self.prompt_text(marker, direction)
+            if rendered.count(marker) != 1:
+                raise VocabMismatchError("the teacher's chat template does not place the user message verbatim")
+            before, after = rendered.split(marker)
+            self._parts[direction] = (self._encode([before])[0], self._encode([after])[0])
+        return self._parts[direction]
+
+    def examples(self, pairs: Sequence[Pair], directions: Sequence[str]) -> tuple[list[Example], int]:
+        """One example per pair and direction; returns (examples, number dropped as too long)."""
+        built: list[Example] = []
+        too_long = 0
+        for direction in directions:
+            src_lang, tgt_lang = direction.split("-")
+            before, after = self._prompt_parts(direction)
+            sources = [p.side(src_lang).strip() for p in pairs]
+            references = [p.side(tgt_lang).strip() for p in pairs]
+            for text, reference, natural, target in zip(sources, references, self._encode(sources),
+                                                        self._encode(references)):
+                source = [self.vocab.student_of[t] for t in self._restrict(natural)]
+                target = self._restrict(target) + [self.eos_teacher_id]
+                if len(source) > self.max_source_len or len(target) > self.max_target_len:
+                    too_long += 1
+                    continue
+                built.append(Example(direction_index(direction), source, before + natural + after, target,
+                                     text, reference))
+        return built, too_long
+
+    def decode(self, student_ids: Iterable[int]) -> str:
+        special = {self.pad_id, self.bos_id, self.eos_id}
+        teacher = [self.vocab.teacher_ids[i] for i in student_ids if i not in special]
+        return self.tokenizer.decode(teacher, skip_special_tokens=True)
+
+
+# --------------------------------------------------------------------------- batches
+
+def make_batches(examples: Sequence[Example], micro_batch_size: int, tokens_per_batch: int, seed: int,
+                 epoch: int, world_size: int) -> list[list[int]]:
+    """Example indices per global micro-batch, identical on every rank, a multiple of world_size long.
+
+    Examples are shuffled per (seed, epoch), grouped into buckets of similar length so little padding is
+    needed, then batches are shuffled. With tokens_per_batch > 0 a batch grows until its padded size
+    (sentences x longest source+target) would pass the budget.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    bucket = max(micro_batch_size, 1) * 50
+    batches: list[list[int]] = []
+    for start in range(0, len(order), bucket):
+        chunk = sorted(order[start:start + bucket],
+                       key=lambda i: (len(examples[i].target_ids), len(examples[i].source_ids)))
+        current: list[int] = []
+        longest = 0
+        for i in chunk:
+            size = len(examples[i].target_ids) + len(examples[i].source_ids)
+            full = (len(current) >= micro_batch_size if tokens_per_batch <= 0
+                    else current and max(longest, size) * (len(current) + 1) > tokens_per_batch)
+            if full:
+                batches.append(current)
+                current, longest = [], 0
+            current.append(i)
+            longest = max(longest, size)
+        if current:
+            batches.append(current)
+    rng.shuffle(batches)
+    usable = len(batches) - len(batches) % world_size  # every rank must run the same number of steps
+    return batches[:usable]
+
+
+def collate(examples: Sequence[Example], pad_id: int, bos_id: int, student_of: dict[int, int],
+            teacher_pad_id: int) -> dict[str, list[list[int]] | list[int]]:
+    """Pad a batch into aligned student and teacher tensors (as nested lists; torch-free).
+
+    Student: `source_ids`/`source_mask`, `direction`, `decoder_input_ids` ([bos] + target[:-1]) and
+    `labels` (target, student ids, IGNORE_INDEX on padding).
+    Teacher: prompts are *left*-padded to one length P and targets right-padded, so logits at positions
+    P-1 .. P-1+T-1 predict the same `labels` column by column (`teacher_labels` holds them in teacher ids);
+    `teacher_position_ids` skip the padding.
+    """
+    src_len = max(len(e.source_ids) for e in examples)
+    tgt_len = max(len(e.target_ids) for e in examples)
+    prompt_len = max(len(e.prompt_ids) for e in examples)
+    batch: dict[str, list] = {k: [] for k in ("source_ids", "source_mask", "direction", "decoder_input_ids",
+                                              "labels", "teacher_labels", "teacher_input_ids", "teacher_attention_mask",
+                                              "teacher_position_ids")}
+    for e in examples:
+        target = [student_of[t] for t in e.target_ids]
+        n_src, n_tgt, n_prompt = len(e.source_ids), len(target), len(e.prompt_ids)
+        batch["source_ids"].append(e.source_ids + [pad_id] * (src_len - n_src))
+        batch["source_mask"].append([1] * n_src + [0] * (src_len - n_src))
+        batch["direction"].append(e.direction)
+        batch["decoder_input_ids"].append([bos_id] + target[:-1] + [pad_id] * (tgt_len - n_tgt))
+        batch["labels"].append(target + [IGNORE_INDEX] * (tgt_len - n_tgt))
+        batch["teacher_labels"].append(e.target_ids + [IGNORE_INDEX] * (tgt_len - n_tgt))
+        left = prompt_len - n_prompt
+        body = e.prompt_ids + e.target_ids[:-1]
+        batch["teacher_input_ids"].append([teacher_pad_id] * left + body + [teacher_pad_id] * (tgt_len - n_tgt))
+        mask = [0] * left + [1] * len(body) + [0] * (tgt_len - n_tgt)
+        batch["teacher_attention_mask"].append(mask)
+        positions, seen = [], 0
+        for m in mask:
+            positions.append(seen if m else 0)
+            seen += m
+        batch["teacher_position_ids"].append(positions)
+    return batch
+
+
+def iter_lines(path: str | Path) -> Iterator[str]:
+    """Non-empty lines of a UTF-8 text file (one sentence a line for translate --input)."""
+    with Path(path).open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                yield line.rstrip("\n")

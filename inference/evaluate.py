@@ -1,0 +1,65 @@
+"""Score a model on a test split: BLEU and chrF (sacrebleu), speed and size, as one JSON object.
+
+    python -m inference.evaluate --model runs/quickstart/distill/final --test data/catalogs/test.jsonl \
+        --direction zh-en --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import data
+from inference.metrics import score
+from inference.translator import InputTooLongError, Translator
+
+
+def evaluate(translator: Translator, pairs: list[data.Pair], direction: str, num_beams: int = 1) -> dict:
+    src_lang, tgt_lang = direction.split("-")
+    usable = []
+    for pair in pairs:  # sentences longer than the model's limit are reported, not truncated
+        try:
+            translator.source_ids(pair.side(src_lang))
+            usable.append(pair)
+        except InputTooLongError:
+            continue
+    start = time.perf_counter()
+    hyps = translator.translate([p.side(src_lang) for p in usable], direction, num_beams)
+    elapsed = time.perf_counter() - start
+    result = score(hyps, [p.side(tgt_lang) for p in usable], tgt_lang)
+    result.update(direction=direction, skipped_too_long=len(pairs) - len(usable),
+                  ms_per_sentence=round(1000 * elapsed / max(1, len(usable)), 2), params=translator.parameters,
+                  examples=[{"source": p.side(src_lang), "hypothesis": h, "reference": p.side(tgt_lang)}
+                            for p, h in list(zip(usable, hyps))[:5]])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="student folder (RUN/final) or teacher folder")
+    parser.add_argument("--test", default="data/catalogs/test.jsonl", help="test pairs (.jsonl or .tsv)")
+    parser.add_argument("--direction", default="zh-en", choices=("zh-en", "en-zh"), help="translation direction")
+    parser.add_argument("--limit", type=int, default=0, help="score only the first N pairs (0 = all)")
+    parser.add_argument("--num_beams", type=int, default=1, help="beam width (1 = greedy)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a summary line")
+    args = parser.parse_args(argv)
+    try:
+        pairs = data.read_pairs(args.test, on_bad_line="skip")
+        pairs = pairs[:args.limit] if args.limit else pairs
+        result = evaluate(Translator(args.model, args.device), pairs, args.direction, args.num_beams)
+    except (data.CorpusError, data.VocabMismatchError, FileNotFoundError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        print(f"{args.model} {args.direction}: BLEU {result['bleu']:.2f} chrF {result['chrf']:.2f} "
+              f"n={result['n']} {result['ms_per_sentence']} ms/sentence {result['params']:,} parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,597 @@
+"""Distil a Qwen teacher into a tiny zh<->en student with DeepSpeed ZeRO-3, teacher and student in one job.
+
+    # fine-tune the teacher on the parallel corpus first (a stock Qwen is a poor translator of UI strings)
+    deepspeed --num_gpus 4 train_ds.py --stage sft --teacher models/Qwen1.5-1.8B --data data/catalogs --out runs/sft
+    # distil: the frozen teacher is sharded beside the student; its logits exist only per micro-batch
+    deepspeed --num_gpus 4 train_ds.py --stage distill --teacher runs/sft/final --data data/catalogs \
+        --preset balanced --out runs/distill
+    # consolidate a checkpoint into a Hugging Face folder
+    python train_ds.py export --ckpt runs/distill/checkpoints --out runs/distill/exported
+
+With no GPU, `deepspeed --num_gpus 2` starts two CPU ranks (gloo). Outputs: RUN/config.json, RUN/train.log,
+RUN/checkpoints/ (resume with --resume), RUN/tb/ (TensorBoard), RUN/best/ and RUN/final/ (student folders).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import config as config_lib
+import data
+from kd_loss import LossParts, distill_loss
+
+log = logging.getLogger("train_ds")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, config_lib.Config]:
+    if argv and argv[0] == "export":  # `train_ds.py export --ckpt ... --out ...`
+        argv = ["--stage", "export", *argv[1:]]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=("distill", "sft", "export"), default="distill",
+                        help="distill: train the student from the teacher; sft: fine-tune the teacher itself on "
+                             "the corpus; export: consolidate --ckpt into a Hugging Face folder at --out")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None,
+                        help="continue from RUN/checkpoints: the latest checkpoint, or the tag given (e.g. step200)")
+    parser.add_argument("--ckpt", help="export only: a checkpoints folder (RUN/checkpoints) to consolidate")
+    parser.add_argument("--tag", help="export only: checkpoint tag (default: the latest)")
+    parser.add_argument("--halt_at", type=int, default=0,
+                        help="save a checkpoint and exit after this step, as a pre-empted job would "
+                             "(time-boxed jobs; resume tests); the LR schedule still spans the whole run")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; do not pass")
+    config_lib.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_lib.from_args(args)
+    except config_lib.ConfigError as exc:
+        parser.error(str(exc))
+    return args, cfg
+
+
+# ----------------------------------------------------------------------------- distributed helpers
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def mean_across_ranks(values: list[float], device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return (tensor / dist.get_world_size()).tolist()
+
+
+def any_rank(flag: bool, device) -> bool:
+    tensor = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def setup_logging(out: Path) -> None:
+    level = logging.INFO if is_main() else logging.WARNING
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(out / "train.log"))
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", handlers=handlers,
+                        force=True)
+
+
+def deepspeed_config(path: str, cfg: config_lib.Config, world: int, use_bf16: bool, trained: bool) -> dict:
+    """The JSON file with batch sizes, clipping, precision and optimiser values filled from our config,
+    so the JSON and the command line cannot disagree (DeepSpeed alone ignores "auto")."""
+    ds = json.loads(Path(path).read_text())
+    autos = [k for k, v in _walk(ds) if v == "auto"]
+    if autos:
+        raise config_lib.ConfigError(f"{path}: 'auto' at {', '.join(autos)}; DeepSpeed ignores it outside the "
+                                     "Hugging Face Trainer, write integers")
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
+    ds["gradient_accumulation_steps"] = cfg.train.grad_accum if trained else 1
+    ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
+    ds["bf16"] = {"enabled": use_bf16}
+    ds.pop("fp16", None)
+    if trained:
+        ds["gradient_clipping"] = cfg.train.grad_clip
+        if "optimizer" in ds:
+            ds["optimizer"]["params"].update(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    if cfg.distill.teacher_offload and not trained:
+        ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return ds
+
+
+def _walk(tree, prefix=""):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _walk(value, f"{prefix}.{key}" if prefix else key)
+    else:
+        yield prefix, tree
+
+
+def lr_lambda(cfg: config_lib.TrainConfig, total_steps: int):
+    """Linear warm-up to lr, then cosine decay to min_lr_ratio * lr at total_steps."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def build_engine(model, ds: dict, cfg: config_lib.Config, total_steps: int):
+    """A trained model's DeepSpeed engine: AdamW and warm-up + cosine, from the JSON or from torch."""
+    import deepspeed
+    optimizer = None
+    if "optimizer" not in ds:  # DeepSpeed's own AdamW is CUDA/CPU-Adam specific; torch's runs everywhere
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=(0.9, 0.98), eps=1e-8,
+                                      weight_decay=cfg.train.weight_decay)
+    scheduler = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train, total_steps)))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    return engine
+
+
+# ----------------------------------------------------------------------------- the teacher
+
+def load_teacher(path: str, ds: dict, dtype: torch.dtype, trainable: bool, kept_ids: list[int] | None):
+    """Load a Hugging Face causal LM partitioned as it loads (ZeRO-3), optionally cutting its output
+    layer down to the student's kept ids so teacher logits are only ever computed on that vocabulary.
+
+    Returns (model, hf_ds_config); keep the second alive as long as the model: transformers reads it
+    through a weak reference to decide on ZeRO-3 behaviour (e.g. generate's synced_gpus).
+    """
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_ds = HfDeepSpeedConfig(ds)  # noqa: F841 -- must exist while from_pretrained runs
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    if kept_ids is not None:
+        head = model.get_output_embeddings()
+        with deepspeed.zero.GatheredParameters([head.weight], modifier_rank=None):
+            rows = head.weight.shape[0]
+            if max(kept_ids) >= rows:
+                raise data.VocabMismatchError(
+                    f"{path}: output layer has {rows} rows but the vocabulary map needs id {max(kept_ids)}; "
+                    "the student vocabulary was built from a different tokenizer")
+            kept = head.weight.data[torch.tensor(kept_ids)].clone()
+        trimmed = torch.nn.Linear(kept.shape[1], kept.shape[0], bias=False, dtype=kept.dtype)
+        trimmed.weight.data.copy_(kept)
+        model.config.tie_word_embeddings = False
+        model.set_output_embeddings(trimmed)
+    model.requires_grad_(trainable)
+    return model, hf_ds
+
+
+def teacher_logits(teacher, batch: dict, target_len: int) -> torch.Tensor:
+    """Teacher logits [B, T, K] at the T target positions only (see data.collate for the alignment)."""
+    out = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
+                  position_ids=batch["teacher_position_ids"], logits_to_keep=target_len, use_cache=False)
+    return out.logits
+
+
+# ----------------------------------------------------------------------------- steps
+
+def to_device(batch: dict, device) -> dict:
+    return {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
+
+
+def distill_step(student, teacher, batch: dict, cfg: config_lib.DistillConfig, timings: dict) -> LossParts:
+    target_len = batch["labels"].shape[1]
+    start = time.perf_counter()
+    with torch.no_grad():  # never inference_mode: its tensors cannot meet ZeRO-3's trained model
+        t_logits = teacher_logits(teacher, batch, target_len)
+    timings["teacher"] += time.perf_counter() - start
+    start = time.perf_counter()
+    out = student(source_ids=batch["source_ids"], source_mask=batch["source_mask"], direction=batch["direction"],
+                  decoder_input_ids=batch["decoder_input_ids"])
+    parts = distill_loss(out.logits, t_logits, batch["labels"], cfg.kd_loss, cfg.alpha, cfg.temperature, cfg.beta)
+    timings["student"] += time.perf_counter() - start
+    return parts
+
+
+def sft_step(teacher, batch: dict, timings: dict) -> LossParts:
+    """Causal-LM loss on the assistant turn (the target) only."""
+    start = time.perf_counter()
+    labels = batch["teacher_labels"]
+    logits = teacher_logits(teacher, batch, labels.shape[1]).float()
+    keep = labels != data.IGNORE_INDEX
+    tokens = int(keep.sum())
+    ce = torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum") / max(tokens, 1)
+    timings["teacher"] += time.perf_counter() - start
+    return LossParts(ce, ce.new_zeros(()), ce.detach(), tokens)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def translate_shard(stage: str, model, builder: data.ExampleBuilder, examples: list, device,
+                    batch_size: int) -> list[str]:
+    """Greedy translations of this rank's examples; every rank runs the same number of forward passes."""
+    from inference.translator import teacher_generate
+    outputs = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        batch = to_device(data.collate(chunk, builder.pad_id, builder.bos_id, builder.vocab.student_of,
+                                       builder.tokenizer.pad_token_id), device)
+        if stage == "distill":
+            ids = model.generate(batch["source_ids"], batch["source_mask"], batch["direction"],
+                                 all_done=lambda done: not any_rank(not done, device))
+            outputs += [builder.decode(row) for row in ids]
+        else:
+            prompts = [ex.prompt_ids for ex in chunk]
+            outputs += teacher_generate(model, builder.tokenizer, prompts, builder.max_target_len, device,
+                                        synced_gpus=True)
+    return outputs
+
+
+def evaluate(stage: str, engine, teacher, builder, valid_examples: list, cfg: config_lib.Config, device) -> dict:
+    """Validation loss over the subset, then greedy BLEU/chrF per direction, computed once on rank 0."""
+    from inference.metrics import score
+    rank, world = dist.get_rank(), dist.get_world_size()
+    engine.eval()
+    timings = {"teacher": 0.0, "student": 0.0}
+    losses = []
+    with torch.no_grad():
+        for indices in data.make_batches(valid_examples, cfg.train.micro_batch_size, 0, 0, 0, world)[rank::world]:
+            batch = to_device(data.collate([valid_examples[i] for i in indices], builder.pad_id, builder.bos_id,
+                                           builder.vocab.student_of, builder.tokenizer.pad_token_id), device)
+            parts = (distill_step(engine, teacher, batch, cfg.distill, timings) if stage == "distill"
+                     else sft_step(engine, batch, timings))
+            losses.append([float(parts.total), float(parts.kd), float(parts.ce)])
+        mean = torch.tensor(losses, dtype=torch.float64).mean(0).tolist() if losses else [0.0, 0.0, 0.0]
+        loss, kd, ce = mean_across_ranks(mean, device)
+        # an equal share per rank (the last rank pads by repeating) keeps every rank's generate in step
+        share = math.ceil(len(valid_examples) / world)
+        mine = (valid_examples[rank * share:(rank + 1) * share] or valid_examples[:1])
+        mine = mine + [mine[-1]] * (share - len(mine))
+        model = engine.module
+        hyps = translate_shard(stage, model, builder, mine, device, cfg.train.micro_batch_size)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, hyps)
+    result = {"loss": loss, "kd": kd, "ce": ce}
+    if rank == 0:
+        flat = [h for part in gathered for h in part][:len(valid_examples)]
+        per_direction = {}
+        for direction in cfg.data.directions:
+            d = data.direction_index(direction)
+            pick = [i for i, ex in enumerate(valid_examples) if ex.direction == d]
+            per_direction[direction] = score([flat[i] for i in pick], [valid_examples[i].reference for i in pick],
+                                             direction.split("-")[1])
+        result["directions"] = per_direction
+        result["bleu"] = sum(s["bleu"] for s in per_direction.values()) / len(per_direction)
+        result["chrf"] = sum(s["chrf"] for s in per_direction.values()) / len(per_direction)
+        result["examples"] = [(ex.source_text, hyp, ex.reference) for ex, hyp in zip(valid_examples[:5], flat)]
+    box = [result]
+    dist.broadcast_object_list(box, src=0)
+    engine.train()
+    return box[0]
+
+
+# ----------------------------------------------------------------------------- saving
+
+def save_folder(stage: str, state_dict: dict, cfg: config_lib.Config, run: Path, out: Path, metrics: dict) -> None:
+    """Write a Hugging Face folder (config.json, model.safetensors, tokenizer, vocab map, run config).
+
+    The weights go straight to safetensors: building a model here would, for the teacher, start a ZeRO-3
+    partitioned init (a collective) on rank 0 alone while the other ranks wait elsewhere.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    import model  # noqa: F401 -- registers the student's config class with AutoConfig
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model_config = AutoConfig.from_pretrained(run / ("student_config" if stage == "distill" else "teacher_config"))
+    if getattr(model_config, "tie_word_embeddings", False) and stage != "distill":
+        state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
+    model_config.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(run / "tokenizer").save_pretrained(tmp)
+    if stage == "distill":
+        shutil.copy(run / data.VocabMap.FILE, tmp / data.VocabMap.FILE)
+    elif (run / "teacher_config" / "generation_config.json").is_file():
+        shutil.copy(run / "teacher_config" / "generation_config.json", tmp / "generation_config.json")
+    cfg.save(tmp / "training_config.json")
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def consolidated_state(engine) -> dict:
+    """Full weights gathered from every rank's shards (all ranks must call it); rank 0 gets them all."""
+    state = engine._consolidated_16bit_state_dict()
+    return {k: v.detach().cpu().clone() for k, v in state.items()} if is_main() else {}
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    tags = sorted((p for p in folder.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
+    for old in tags[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- export stage
+
+def export_checkpoint(args: argparse.Namespace, cfg: config_lib.Config) -> None:
+    """Consolidate ZeRO shards offline (one process, no GPU) into a Hugging Face folder."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    if not args.ckpt:
+        raise SystemExit("train_ds.py export: --ckpt RUN/checkpoints is required")
+    ckpt = Path(args.ckpt)
+    run = ckpt.parent
+    if not (run / "run.json").is_file():
+        raise SystemExit(f"train_ds.py export: {run}/run.json not found; --ckpt must be a run's checkpoints folder")
+    stage = json.loads((run / "run.json").read_text())["stage"]
+    saved = config_lib.from_json_file(run / "config.json")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=args.tag)
+    out = Path(cfg.train.out)
+    save_folder(stage, state, saved, run, out, {"exported_from": str(ckpt), "tag": args.tag or "latest"})
+    print(f"exported {stage} model to {out}")
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> None:
+    args, cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.stage == "export":
+        return export_checkpoint(args, cfg)
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers import AutoConfig, AutoTokenizer
+
+    from model import StudentConfig, StudentForTranslation
+
+    # ---- set-up: processes, run folder, logging
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    accelerator = get_accelerator()
+    device = torch.device(accelerator.current_device_name())
+    on_gpu = accelerator.device_name() != "cpu"
+    use_bf16 = cfg.train.bf16 == "on" or (cfg.train.bf16 == "auto" and on_gpu and accelerator.is_bf16_supported())
+    run = Path(cfg.train.out)
+    ckpt_dir = run / "checkpoints"
+    setup_logging(run)
+    log.info("stage %s | %d rank(s) on %s | bf16 %s | run %s", args.stage, world, device, use_bf16, run)
+    if is_main():
+        if (run / "config.json").is_file() and args.resume:
+            saved = json.loads((run / "config.json").read_text())
+            changed = [f"{s}.{k}" for s, v in cfg.to_dict().items() for k, x in v.items()
+                       if s in ("model", "data", "distill") and saved.get(s, {}).get(k) != x]
+            if changed:
+                raise SystemExit(f"train_ds.py: --resume with a different config ({', '.join(changed)}); "
+                                 f"resume with the flags of the original run (see {run}/config.json)")
+        cfg.save(run / "config.json")
+        (run / "run.json").write_text(json.dumps({"stage": args.stage, "world_size": world}) + "\n")
+    dist.barrier()
+
+    # ---- data: tokenizer of the teacher, the vocabulary, aligned examples
+    tokenizer = AutoTokenizer.from_pretrained(cfg.train.teacher, trust_remote_code=False)
+    teacher_config = AutoConfig.from_pretrained(cfg.train.teacher)
+    train_pairs = data.load_split(cfg.data.path, "train", cfg.data.on_bad_line, cfg.data.max_chars)
+    valid_pairs = data.load_split(cfg.data.path, "valid", cfg.data.on_bad_line, cfg.data.max_chars)
+    valid_pairs = valid_pairs[:cfg.data.valid_subset]
+    if args.stage == "distill":
+        if (run / data.VocabMap.FILE).is_file():
+            vocab = data.VocabMap.load(run)
+            vocab.check_tokenizer(tokenizer, f"teacher {cfg.train.teacher}")
+        else:
+            texts = [p.zh for p in train_pairs] + [p.en for p in train_pairs]
+            vocab = data.build_vocab_map(tokenizer, texts, cfg.data.vocab_size, teacher_config.vocab_size)
+    else:
+        vocab = data.VocabMap.full(tokenizer, teacher_config.vocab_size)
+    builder = data.ExampleBuilder(tokenizer, vocab, cfg.model.max_source_len, cfg.model.max_target_len)
+    train_examples, dropped = builder.examples(train_pairs, cfg.data.directions)
+    valid_examples, _ = builder.examples(valid_pairs, cfg.data.directions)
+    log.info("data: %d train pairs -> %d examples (%d too long for the model), %d validation examples; "
+             "vocabulary %d of the teacher's %d ids", len(train_pairs), len(train_examples), dropped,
+             len(valid_examples), vocab.size, teacher_config.vocab_size)
+    batches_per_epoch = len(data.make_batches(train_examples, cfg.train.micro_batch_size, cfg.data.tokens_per_batch,
+                                              cfg.train.seed, 0, world)) // world
+    steps_per_epoch = max(1, batches_per_epoch // cfg.train.grad_accum)
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    if is_main():
+        vocab.save(run)
+        tokenizer.save_pretrained(run / "tokenizer")
+        teacher_config.save_pretrained(run / "teacher_config")
+        if Path(cfg.train.teacher, "generation_config.json").is_file():
+            shutil.copy(Path(cfg.train.teacher, "generation_config.json"), run / "teacher_config")
+
+    # ---- models: the teacher (frozen and sharded, or trained in sft) and the student
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    if args.stage == "distill":
+        teacher_ds = deepspeed_config(cfg.train.teacher_ds_config, cfg, world, use_bf16, trained=False)
+        teacher, hf_ds = load_teacher(cfg.train.teacher, teacher_ds, dtype, False, vocab.teacher_ids)
+        teacher_engine, *_ = deepspeed.initialize(model=teacher, config=teacher_ds)
+        teacher_engine.module.eval()
+        torch.manual_seed(cfg.train.seed)  # identical initial student on every rank
+        student_cfg = StudentConfig.from_model_config(cfg.model, vocab.size, builder.pad_id, builder.bos_id,
+                                                      builder.eos_id)
+        if is_main():
+            student_cfg.save_pretrained(run / "student_config")
+        student = StudentForTranslation(student_cfg)
+        engine = build_engine(student, deepspeed_config(cfg.train.ds_config, cfg, world, use_bf16, True), cfg,
+                              total_steps)
+        log.info("student: %s preset, %s decoder, %.2fM parameters; teacher: %s",
+                 cfg.model.preset, cfg.model.decoder, sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                                                          for p in student.parameters()) / 1e6, cfg.train.teacher)
+    else:
+        trained_ds = deepspeed_config(cfg.train.ds_config, cfg, world, use_bf16, trained=True)
+        teacher, hf_ds = load_teacher(cfg.train.teacher, trained_ds, dtype, True, None)
+        engine = build_engine(teacher, trained_ds, cfg, total_steps)
+        teacher_engine = None
+
+    # ---- resume: weights, optimiser, scheduler and the data position
+    step, best_bleu, evals_without_gain, history = 0, -1.0, 0, []
+    if args.resume:
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag=None if args.resume == "latest" else args.resume)
+        if path is None:
+            raise SystemExit(f"train_ds.py: --resume {args.resume}: no checkpoint in {ckpt_dir}")
+        step, best_bleu = client["step"], client["best_bleu"]
+        evals_without_gain, history = client["evals_without_gain"], client["history"]
+        log.info("resumed from %s at step %d", path, step)
+
+    # ---- stop requests: a pre-empted job saves before it goes
+    stop_requested = {"signal": None}
+
+    def request_stop(signum, _frame):
+        stop_requested["signal"] = signal.Signals(signum).name
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    def save(tag_step: int) -> None:
+        client = {"step": tag_step, "best_bleu": best_bleu, "evals_without_gain": evals_without_gain,
+                  "history": history, "stage": args.stage}
+        engine.save_checkpoint(str(ckpt_dir), tag=f"step{tag_step}", client_state=client)
+        dist.barrier()
+        if is_main():
+            prune_checkpoints(ckpt_dir, cfg.train.keep)
+
+    # ---- the loop
+    writer = SummaryWriter(str(run / "tb")) if is_main() else None
+    micro_per_step = cfg.train.grad_accum
+
+    def micro_batches(first_step: int):
+        """This rank's micro-batches from the one at first_step onwards (epochs reshuffle by seed)."""
+        position = first_step * micro_per_step
+        epoch, offset = divmod(position, batches_per_epoch)
+        while True:
+            global_batches = data.make_batches(train_examples, cfg.train.micro_batch_size, cfg.data.tokens_per_batch,
+                                               cfg.train.seed, epoch, world)
+            for indices in global_batches[rank::world][offset:batches_per_epoch]:
+                yield epoch, [train_examples[i] for i in indices]
+            epoch, offset = epoch + 1, 0
+
+    stream = micro_batches(step)
+    progress = None
+    if is_main():
+        from tqdm import tqdm
+        progress = tqdm(total=total_steps, initial=step, desc=args.stage, unit="step", dynamic_ncols=True)
+    bad_steps, started, first_step = 0, time.perf_counter(), step
+    while step < total_steps:
+        # dropout and any sampling are seeded by (seed, step, rank): a resumed run replays the same noise
+        torch.manual_seed(cfg.train.seed + step * world + rank)
+        timings = {"teacher": 0.0, "student": 0.0}
+        sums, tokens, padded = [0.0, 0.0, 0.0], 0, 0
+        step_start = time.perf_counter()
+        for _ in range(micro_per_step):
+            epoch, examples = next(stream)
+            batch = to_device(data.collate(examples, builder.pad_id, builder.bos_id, vocab.student_of,
+                                           tokenizer.pad_token_id), device)
+            parts = (distill_step(engine, teacher_engine, batch, cfg.distill, timings) if args.stage == "distill"
+                     else sft_step(engine, batch, timings))
+            start = time.perf_counter()
+            engine.backward(parts.total)
+            engine.step()
+            timings["student" if args.stage == "distill" else "teacher"] += time.perf_counter() - start
+            sums = [s + float(v.detach()) for s, v in zip(sums, (parts.total, parts.kd, parts.ce))]
+            tokens += parts.tokens + int(batch["source_mask"].sum())
+            padded += batch["labels"].numel() + batch["source_ids"].numel()
+        step += 1
+        total, kd, ce, tokens_all, padded_all = mean_across_ranks(
+            [s / micro_per_step for s in sums] + [tokens, padded], device)
+        finite = math.isfinite(total)
+        bad_steps = 0 if finite else bad_steps + 1
+        elapsed = time.perf_counter() - step_start
+        if writer:
+            record(run, {"step": step, "loss": total, "kd": kd, "ce": ce, "lr": engine.get_lr()[0],
+                         "tokens_per_s": tokens_all * world / elapsed})
+            grad_norm = engine.get_global_grad_norm()
+            tokens_per_s = tokens_all * world / elapsed
+            for name, value in (("loss/total", total), ("loss/kd", kd), ("loss/ce", ce),
+                                ("lr", engine.get_lr()[0]), ("grad_norm", float(grad_norm or 0.0)),
+                                ("throughput/tokens_per_s", tokens_per_s),
+                                ("data/padding_fraction", 1 - tokens_all / max(padded_all, 1)),
+                                ("time/teacher_ms", timings["teacher"] * 1000),
+                                ("time/student_ms", timings["student"] * 1000),
+                                ("memory/max_allocated_gb", max_memory_gb(accelerator, on_gpu))):
+                writer.add_scalar(name, value, step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{total:.3f}", kd=f"{kd:.3f}", ce=f"{ce:.3f}")
+            if step % cfg.train.log_every == 0 or step == 1:
+                eta = (time.perf_counter() - started) / (step - first_step) * (total_steps - step)
+                log.info("step %d/%d | epoch %d | loss %.4f kd %.4f ce %.4f | lr %.2e | %.0f tok/s | "
+                         "teacher %.0f ms student %.0f ms | eta %.0f s", step, total_steps, epoch, total, kd, ce,
+                         engine.get_lr()[0], tokens_per_s, timings["teacher"] * 1000, timings["student"] * 1000, eta)
+        if bad_steps >= cfg.train.max_bad_steps:
+            raise SystemExit(f"train_ds.py: {bad_steps} non-finite losses in a row ending at step {step}; "
+                             f"the last checkpoint in {ckpt_dir} is untouched. Lower --lr or check the data.")
+
+        last_step = step >= total_steps
+        if args.halt_at and step >= args.halt_at:
+            stop_requested["signal"] = stop_requested["signal"] or f"--halt_at {args.halt_at}"
+        stopping = any_rank(stop_requested["signal"] is not None, device)
+        if step % cfg.train.eval_every == 0 or last_step:
+            result = evaluate(args.stage, engine, teacher_engine, builder, valid_examples, cfg, device)
+            history.append({"step": step, **{k: result[k] for k in ("loss", "kd", "ce", "bleu", "chrf")},
+                            "directions": result["directions"]})
+            improved = result["bleu"] > best_bleu
+            if improved:
+                best_bleu, evals_without_gain = result["bleu"], 0
+                state = consolidated_state(engine)
+                if is_main():
+                    save_folder(args.stage, state, cfg, run, run / "best", {"step": step, **history[-1]})
+            else:
+                evals_without_gain += 1
+            if writer:
+                record(run, {"eval": True, **history[-1]})
+                for name in ("loss", "kd", "ce", "bleu", "chrf"):
+                    writer.add_scalar(f"eval/{name}", result[name], step)
+                for direction, s in result["directions"].items():
+                    writer.add_scalar(f"eval/bleu_{direction}", s["bleu"], step)
+                log.info("eval step %d | loss %.4f | BLEU %.2f chrF %.2f %s| e.g. %s", step, result["loss"],
+                         result["bleu"], result["chrf"], "(best) " if improved else "", result["examples"][:1])
+            if cfg.train.patience and evals_without_gain >= cfg.train.patience:
+                log.info("early stop: no BLEU gain in %d evaluations", evals_without_gain)
+                last_step = True
+        if step % cfg.train.save_every == 0 or last_step or stopping:
+            save(step)
+        if stopping and not last_step:
+            log.info("%s received: saved step %d to %s; resume with --resume", stop_requested["signal"], step,
+                     ckpt_dir)
+            break
+        if last_step:
+            break
+
+    if progress:
+        progress.close()
+    if writer:
+        writer.close()
+    if is_main():
+        (run / "history.json").write_text(json.dumps(history, indent=2, ensure_ascii=False) + "\n")
+        if not stop_requested["signal"] and (run / "best").is_dir():
+            shutil.rmtree(run / "final", ignore_errors=True)
+            shutil.copytree(run / "best", run / "final")
+            log.info("best model (BLEU %.2f) exported to %s", best_bleu, run / "final")
+    dist.barrier()
+
+
+def record(run: Path, entry: dict) -> None:
+    """Append one JSON line to RUN/metrics.jsonl (steps and evaluations; a resumed run appends again)."""
+    with (run / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+
+def max_memory_gb(accelerator, on_gpu: bool) -> float:
+    if on_gpu:
+        return accelerator.max_memory_allocated() / 2 ** 30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # kB on Linux
+
+
+if __name__ == "__main__":
+    main()
