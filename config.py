@@ -140,7 +140,7 @@ class Config:
 
 
 # Presets fix the student's shape and its vocabulary cap; parameter counts are printed by
-# `python model.py --preset NAME` (tiny ~3M, balanced ~20M, performance ~57M, bergamot ~17M).
+# `python model.py --preset NAME` (tiny ~2M, balanced ~20M, performance ~52M, bergamot ~17M).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {"model": dict(d_model=128, n_heads=4, encoder_layers=3, decoder_layers=2, ffn_dim=512,
                            decoder="transformer"),
@@ -164,7 +164,9 @@ ALIASES = {
     "save_every": "train.save_every", "keep": "train.keep", "patience": "train.patience",
     "lr": "train.lr", "seed": "train.seed", "micro_batch_size": "train.micro_batch_size",
     "kd_loss": "distill.kd_loss", "alpha": "distill.alpha", "temperature": "distill.temperature",
-    "on_bad_line": "data.on_bad_line", "max_bad_steps": "train.max_bad_steps",
+    "on_bad_line": "data.on_bad_line", "max_bad_steps": "train.max_bad_steps", "log_every": "train.log_every",
+    "warmup_steps": "train.warmup_steps", "grad_accum": "train.grad_accum", "ds_config": "train.ds_config",
+    "decoder": "model.decoder",
 }
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}

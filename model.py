@@ -216,7 +216,8 @@ class StudentForTranslation(PreTrainedModel):
         self.embed = TokenEmbedding(config.vocab_size, config.d_model)
         self.direction_embed = nn.Embedding(config.n_directions, config.d_model)
         positions = max(config.max_source_len, config.max_target_len) + 1
-        self.register_buffer("positions", sinusoid_table(positions, config.d_model), persistent=False)
+        # persistent: from_pretrained builds on the meta device and would leave a non-saved buffer empty
+        self.register_buffer("positions", sinusoid_table(positions, config.d_model))
         self.encoder = nn.ModuleList(EncoderLayer(config) for _ in range(config.encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(config) for _ in range(config.decoder_layers))
         self.encoder_norm, self.decoder_norm = nn.LayerNorm(config.d_model), nn.LayerNorm(config.d_model)

@@ -1,0 +1,62 @@
+import argparse
+import json
+
+import pytest
+
+import config as cfg_lib
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    cfg_lib.add_arguments(parser)
+    return cfg_lib.from_args(parser.parse_args(argv))
+
+
+def test_preset_then_file_then_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  preset: bergamot\n  dropout: 0.2\ntrain:\n  lr: 0.002\n")
+    cfg = parse(["--config", str(path), "--model.dropout", "0.3", "--max_steps", "7"])
+    assert (cfg.model.preset, cfg.model.decoder, cfg.model.encoder_layers, cfg.model.ffn_dim) == \
+        ("bergamot", "recurrent", 6, 1536)
+    assert cfg.model.dropout == 0.3 and cfg.train.lr == 0.002 and cfg.train.max_steps == 7
+    assert cfg.data.vocab_size == 32000
+
+
+def test_json_file_and_lists(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"data": {"directions": ["en-zh"]}, "distill": {"kd_loss": "jsd"}}))
+    cfg = parse(["--config", str(path), "--preset", "balanced"])
+    assert cfg.data.directions == ["en-zh"] and cfg.distill.kd_loss == "jsd" and cfg.model.d_model == 320
+    assert parse(["--data.directions", "zh-en,en-zh"]).data.directions == ["zh-en", "en-zh"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model.d_model", "8"], "model.d_model: 8 is out of range; allowed 16 to 2048"),
+    (["--model.decoder", "lstm"], "model.decoder: 'lstm' is not allowed; choose one of transformer, recurrent"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--model.n_heads", "3"], "does not divide model.d_model=128"),
+    (["--train.lr", "fast"], "train.lr: expected float, got 'fast'"),
+    (["--data.directions", "zh-fr"], "data.directions"),
+])
+def test_bad_values_name_the_field(argv, message):
+    with pytest.raises(cfg_lib.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse(argv)
+
+
+def test_unknown_key_in_file(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"model": {"width": 3}}))
+    with pytest.raises(cfg_lib.ConfigError, match="unknown config key 'model.width'"):
+        parse(["--config", str(path)])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = parse(["--preset", "performance", "--train.seed", "9"])
+    cfg.save(tmp_path / "config.json")
+    assert cfg_lib.from_json_file(tmp_path / "config.json") == cfg
+
+
+def test_every_field_has_help():
+    parser = argparse.ArgumentParser()
+    cfg_lib.add_arguments(parser)
+    assert all(action.help for action in parser._actions)

@@ -1,0 +1,121 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import MASK_BIAS, SSRU, StudentConfig, StudentForTranslation, count_parameters
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def tiny(decoder: str, **overrides) -> StudentForTranslation:
+    torch.manual_seed(0)
+    cfg = StudentConfig(vocab_size=300, d_model=32, n_heads=4, encoder_layers=2, decoder_layers=2, ffn_dim=64,
+                        decoder=decoder, dropout=0.0, max_source_len=12, max_target_len=10, **overrides)
+    return StudentForTranslation(cfg).eval()
+
+
+def batch():
+    torch.manual_seed(1)
+    source = torch.randint(3, 300, (3, 9))
+    mask = torch.ones_like(source)
+    mask[1, 6:] = 0
+    return source, mask, torch.tensor([0, 1, 0])
+
+
+@pytest.mark.parametrize("decoder", ["transformer", "recurrent"])
+def test_cached_decoding_equals_uncached(decoder):
+    model = tiny(decoder)
+    assert model.generate(*batch(), use_cache=True) == model.generate(*batch(), use_cache=False)
+
+
+@pytest.mark.parametrize("decoder", ["transformer", "recurrent"])
+def test_incremental_logits_equal_teacher_forced(decoder):
+    model = tiny(decoder)
+    source, mask, direction = batch()
+    target = torch.randint(3, 300, (3, 7))
+    full = model(source, mask, direction, target).logits
+    memory, bias = model.encode(source, mask, direction)
+    states, steps = None, []
+    for t in range(target.shape[1]):
+        hidden, states = model.decode(target[:, t:t + 1], direction, memory, bias, states, t)
+        steps.append(model.output_logits(hidden))
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_ssru_parallel_scan_equals_step_by_step():
+    torch.manual_seed(0)
+    ssru = SSRU(16)
+    x, state = torch.randn(2, 13, 16), torch.randn(2, 16)
+    parallel, last = ssru(x, state)
+    outs = []
+    for t in range(13):
+        out, state = ssru.step(x[:, t], state)
+        outs.append(out)
+    torch.testing.assert_close(parallel, torch.stack(outs, 1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(last, state, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decoder", ["transformer", "recurrent"])
+def test_static_step_matches_generate(decoder):
+    """The fixed-shape step that deploy/ exports gives the same greedy tokens as generate()."""
+    model = tiny(decoder)
+    source, mask, direction = batch()
+    expected = model.generate(source[:1], mask[:1], direction[:1])
+    cfg = model.config
+    src = torch.full((1, cfg.max_source_len), cfg.pad_token_id)
+    src[0, :9] = source[0]
+    src_mask = torch.zeros(1, cfg.max_source_len, dtype=torch.long)
+    src_mask[0, :9] = 1
+    enc_out, bias = model.encode(src, src_mask, direction[:1])
+    state, token, tokens = model.initial_static_state(), cfg.bos_token_id, []
+    with torch.no_grad():
+        for step in range(cfg.max_target_len):
+            if decoder == "transformer":
+                state[2][0, :-1], state[2][0, -1] = state[2][0, 1:].clone(), 0.0
+            embeds = model.input_embeds(torch.tensor([[token]]), direction[:1], step)
+            logits, *new = model.static_step(embeds, enc_out, bias, *state)
+            state = (*new, state[2]) if decoder == "transformer" else tuple(new)
+            token = int(logits.argmax(-1))
+            if token == cfg.eos_token_id:
+                break
+            tokens.append(token)
+    assert [tokens] == expected
+    assert MASK_BIAS == -1e4
+
+
+def test_beam_search_of_width_one_is_greedy_and_wider_scores_no_worse():
+    model = tiny("transformer")
+    greedy = model.generate(*batch())
+    assert model.generate(*batch(), num_beams=1) == greedy
+    assert len(model.generate(*batch(), num_beams=4)) == 3
+
+
+@pytest.mark.parametrize("decoder", ["transformer", "recurrent"])
+def test_save_and_load_round_trip_bit_for_bit(decoder, tmp_path):
+    from transformers import AutoConfig, AutoModel
+    model = tiny(decoder)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "rk_student"
+    loaded = AutoModel.from_pretrained(tmp_path)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert loaded.generate(*batch()) == model.generate(*batch())
+
+
+def test_preset_parameter_counts():
+    out = subprocess.run([sys.executable, "model.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    rows = {line.split()[0]: int(line.split()[3].replace(",", "")) for line in out.splitlines()[1:]}
+    assert 2e6 <= rows["tiny"] <= 5e6
+    assert 15e6 <= rows["balanced"] <= 25e6
+    assert 30e6 <= rows["performance"] <= 80e6
+    assert 10e6 <= rows["bergamot"] <= 25e6
+
+
+def test_tied_embeddings_and_counts():
+    model = tiny("recurrent")
+    counts = count_parameters(model)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert not any("lm_head" in name for name in model.state_dict())
