@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The whole product on the built-in default, on a fresh machine with no GPU (about 20-30 minutes on 2 cores):
+# catalog corpus -> tiny Qwen-shaped teacher -> teacher fine-tuning (ZeRO-3) -> distillation of the `tiny`
+# student (ZeRO-3, teacher co-hosted) -> evaluation in both directions -> rv1126b deployment bundle.
+#
+#   bash scripts/quickstart.sh                 # every stage; finished stages are skipped
+#   bash scripts/quickstart.sh --force         # redo every stage
+#   bash scripts/quickstart.sh --only distill  # one stage (corpus|teacher|sft|distill|evaluate|deploy)
+#
+# Variables: RUN (runs/quickstart), NUM_GPUS (all GPUs, or 2 CPU ranks), SFT_STEPS, DISTILL_STEPS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUN=${RUN:-runs/quickstart}
+SFT_STEPS=${SFT_STEPS:-300}
+DISTILL_STEPS=${DISTILL_STEPS:-800}
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  NUM_GPUS=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
+else
+  NUM_GPUS=${NUM_GPUS:-2}  # CPU ranks (gloo)
+fi
+FORCE=0
+ONLY=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --force) FORCE=1 ;;
+    --only) ONLY=$2; shift ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "quickstart: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+bash scripts/setup.sh
+PY=.venv/bin/python
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+stage() {  # stage NAME DONE_MARKER: true when the stage should run
+  local name=$1 marker=$2
+  if [ -n "$ONLY" ] && [ "$ONLY" != "$name" ]; then return 1; fi
+  if [ "$FORCE" = 0 ] && [ -e "$marker" ]; then echo "== $name: done already ($marker; --force to redo)"; return 1; fi
+  echo "== $name"
+  return 0
+}
+
+if stage corpus data/catalogs/stats.json; then
+  $PY scripts/build_corpus.py --gettext /usr/share/locale --out data/catalogs
+fi
+if stage teacher models/tiny-qwen/config.json; then
+  $PY scripts/make_tiny_teacher.py --corpus data/catalogs --out models/tiny-qwen --force
+fi
+if stage sft "$RUN/sft/final/config.json"; then
+  rm -rf "$RUN/sft"
+  .venv/bin/deepspeed --num_gpus "$NUM_GPUS" train_ds.py --stage sft --teacher models/tiny-qwen \
+    --data data/catalogs --out "$RUN/sft" --max_steps "$SFT_STEPS" --eval_every 100 --save_every 100 \
+    --micro_batch_size 32 --lr 3e-3 --warmup_steps 30 --data.valid_subset 64 --log_every 50
+fi
+if stage distill "$RUN/distill/final/config.json"; then
+  rm -rf "$RUN/distill"
+  .venv/bin/deepspeed --num_gpus "$NUM_GPUS" train_ds.py --stage distill --teacher "$RUN/sft/final" \
+    --data data/catalogs --preset tiny --out "$RUN/distill" --max_steps "$DISTILL_STEPS" --eval_every 200 \
+    --save_every 200 --micro_batch_size 32 --lr 2e-3 --warmup_steps 50 --data.valid_subset 64 --log_every 50
+fi
+if stage evaluate "$RUN/eval.json"; then
+  for model in "$RUN/sft/final" "$RUN/distill/final"; do
+    for direction in zh-en en-zh; do
+      $PY -m inference.evaluate --model "$model" --test data/catalogs/test.jsonl --direction "$direction" \
+        --limit 200 --json > "$RUN/eval.$(basename "$(dirname "$model")").$direction.json"
+    done
+  done
+  $PY - "$RUN" <<'PYEOF'
+import json, sys, pathlib
+run = pathlib.Path(sys.argv[1])
+results = {p.name[5:-5]: json.loads(p.read_text()) for p in sorted(run.glob("eval.*.*.json"))}
+(run / "eval.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+for name, r in results.items():
+    print(f"{name:<18} BLEU {r['bleu']:6.2f}  chrF {r['chrf']:6.2f}  {r['ms_per_sentence']:8.2f} ms/sentence  "
+          f"{r['params']:>12,} parameters")
+PYEOF
+fi
+if stage deploy "dist/rv1126b/report.json"; then
+  $PY -m deploy --model "$RUN/distill/final" --target rv1126b --calib data/catalogs/valid.jsonl \
+    --test data/catalogs/test.jsonl --out dist/rv1126b
+fi
+echo "== done. TensorBoard: bash scripts/tensorboard.sh $RUN"
