@@ -2,6 +2,7 @@
 
     python -m inference.evaluate --model runs/quickstart/distill/final --test data/catalogs/test.jsonl \
         --direction zh-en --json
+    python -m inference.evaluate --model dist/rv1126b --backend onnx      # a deploy output folder (DIST)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 import time
 
 import data
+from inference import backends
 from inference.metrics import score
 from inference.translator import InputTooLongError, Translator
 
@@ -36,6 +38,13 @@ def evaluate(translator: Translator, pairs: list[data.Pair], direction: str, num
     return result
 
 
+def backend_arg(text: str) -> str:
+    try:
+        return backends.check_backend(text)
+    except backends.BackendError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="student folder (RUN/final) or teacher folder")
@@ -44,19 +53,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="score only the first N pairs (0 = all)")
     parser.add_argument("--num_beams", type=int, default=1, help="beam width (1 = greedy)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--backend", default="torch", type=backend_arg,
+                        help="torch (default; --model is a student or teacher folder), or onnx, onnx-int8, "
+                             "rknn-sim[:PRECISION] (--model is a deploy output folder; rknn-sim defaults to the "
+                             "precision deploy chose and needs .venv-rknn)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a summary line")
     args = parser.parse_args(argv)
     try:
         pairs = data.read_pairs(args.test, on_bad_line="skip")
         pairs = pairs[:args.limit] if args.limit else pairs
-        result = evaluate(Translator(args.model, args.device), pairs, args.direction, args.num_beams)
-    except (data.CorpusError, data.VocabMismatchError, FileNotFoundError) as exc:
+        translator = Translator(args.model, args.device, backend=args.backend)
+        result = evaluate(translator, pairs, args.direction, args.num_beams)
+    except (data.CorpusError, data.VocabMismatchError, FileNotFoundError, backends.BackendError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     else:
-        print(f"{args.model} {args.direction}: BLEU {result['bleu']:.2f} chrF {result['chrf']:.2f} "
+        print(f"{args.model} [{args.backend}] {args.direction}: BLEU {result['bleu']:.2f} chrF {result['chrf']:.2f} "
               f"n={result['n']} {result['ms_per_sentence']} ms/sentence {result['params']:,} parameters")
     return 0
 

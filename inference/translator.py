@@ -2,6 +2,8 @@
 
 A student folder (config.json with model_type rk_student, vocab_map.json) runs the encoder-decoder; any
 other folder is treated as a Qwen causal LM and prompted with its chat template, exactly as in training.
+With backend onnx, onnx-int8 or rknn-sim the folder is a deploy output (DIST, see inference/backends.py) and the
+exported graphs decode greedily, one sentence at a time as on the board.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Sequence
 import torch
 
 import data
+from inference import backends
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +48,16 @@ def teacher_generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new
 class Translator:
     """Load a model folder once, translate many sentences (batched, greedy or beam)."""
 
-    def __init__(self, folder: str | Path, device: str = "cpu", max_len: int | None = None):
+    def __init__(self, folder: str | Path, device: str = "cpu", max_len: int | None = None, backend: str = "torch"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         import model as student_lib
         self.folder = Path(folder)
+        self.backend = backends.check_backend(backend)
+        self.decoder: backends.Decoder | None = None
+        if backend != "torch":
+            self._load_deployed(backend)
+            return
         if not Path(folder, "config.json").is_file():
             raise FileNotFoundError(f"{folder}: no config.json; give a student or teacher model folder")
         self.device = torch.device(device)
@@ -68,6 +76,21 @@ class Translator:
             self.max_source_len, self.max_target_len = max_len or 128, max_len or 128
             self.builder = data.ExampleBuilder(self.tokenizer, full, self.max_source_len, self.max_target_len)
         self.parameters = sum(p.numel() for p in self.model.parameters())
+
+    def _load_deployed(self, backend: str) -> None:
+        """A DIST folder: the student's tokenizer and vocabulary map from DIST/tokenizer, graphs per backend."""
+        from transformers import AutoTokenizer
+
+        dist = backends.Dist(self.folder)
+        meta = backends.DeployMeta.load(dist.meta)
+        self.tokenizer = AutoTokenizer.from_pretrained(dist.tokenizer)
+        vocab = data.VocabMap.load(dist.tokenizer)
+        vocab.check_tokenizer(self.tokenizer, str(dist.tokenizer))
+        self.is_student, self.model = True, None
+        self.builder = data.ExampleBuilder(self.tokenizer, vocab, meta.S, meta.Tc)
+        self.max_source_len, self.max_target_len = meta.S, meta.Tc
+        self.parameters = meta.parameters
+        self.decoder = backends.open_decoder(self.folder, backend, progress=True)
 
     def source_ids(self, text: str) -> list[int]:
         ids = self.builder.student_ids(text.strip())
@@ -93,6 +116,11 @@ class Translator:
             ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
             return teacher_generate(self.model, self.tokenizer, ids, self.max_target_len, self.device)
         sources = [self.source_ids(t) for t in texts]
+        if self.decoder is not None:
+            if num_beams > 1:
+                raise ValueError(f"backend {self.backend} decodes greedily only; use num_beams=1")
+            out = self.decoder.decode(sources, [data.direction_index(direction)] * len(sources))
+            return [self.builder.decode(row) for row in out]
         width = max(len(s) for s in sources)
         pad = self.builder.pad_id
         source = torch.tensor([s + [pad] * (width - len(s)) for s in sources], device=self.device)

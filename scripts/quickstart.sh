@@ -12,8 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUN=${RUN:-runs/quickstart}
-SFT_STEPS=${SFT_STEPS:-300}
-DISTILL_STEPS=${DISTILL_STEPS:-800}
+SFT_STEPS=${SFT_STEPS:-800}
+DISTILL_STEPS=${DISTILL_STEPS:-1200}
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
   NUM_GPUS=${NUM_GPUS:-$(nvidia-smi -L | wc -l)}
 else
@@ -52,14 +52,14 @@ fi
 if stage sft "$RUN/sft/final/config.json"; then
   rm -rf "$RUN/sft"
   .venv/bin/deepspeed --num_gpus "$NUM_GPUS" train_ds.py --stage sft --teacher models/tiny-qwen \
-    --data data/catalogs --out "$RUN/sft" --max_steps "$SFT_STEPS" --eval_every 100 --save_every 100 \
+    --data data/catalogs --out "$RUN/sft" --max_steps "$SFT_STEPS" --eval_every 200 --save_every 200 \
     --micro_batch_size 32 --lr 3e-3 --warmup_steps 30 --data.valid_subset 64 --log_every 50
 fi
 if stage distill "$RUN/distill/final/config.json"; then
   rm -rf "$RUN/distill"
   .venv/bin/deepspeed --num_gpus "$NUM_GPUS" train_ds.py --stage distill --teacher "$RUN/sft/final" \
-    --data data/catalogs --preset tiny --out "$RUN/distill" --max_steps "$DISTILL_STEPS" --eval_every 200 \
-    --save_every 200 --micro_batch_size 32 --lr 2e-3 --warmup_steps 50 --data.valid_subset 64 --log_every 50
+    --data data/catalogs --preset tiny --out "$RUN/distill" --max_steps "$DISTILL_STEPS" --eval_every 300 \
+    --save_every 300 --micro_batch_size 32 --lr 2e-3 --warmup_steps 50 --data.valid_subset 64 --log_every 50
 fi
 if stage evaluate "$RUN/eval.json"; then
   for model in "$RUN/sft/final" "$RUN/distill/final"; do
