@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole product on the built-in default, on a fresh machine with no GPU (about 20-30 minutes on 2 cores):
 # catalog corpus -> tiny Qwen-shaped teacher -> teacher fine-tuning (ZeRO-3) -> distillation of the `tiny`
-# student (ZeRO-3, teacher co-hosted) -> evaluation in both directions -> rv1126b deployment bundle.
+# student (ZeRO-3, teacher co-hosted) -> evaluation in both directions -> rv1126b deployment bundle -> run report
+# (RUN/report.md with a results table, training plots and example translations).
 #
 #   bash scripts/quickstart.sh                 # every stage; finished stages are skipped
 #   bash scripts/quickstart.sh --force         # redo every stage
-#   bash scripts/quickstart.sh --only distill  # one stage (corpus|teacher|sft|distill|evaluate|deploy)
+#   bash scripts/quickstart.sh --only distill  # one stage (corpus|teacher|sft|distill|evaluate|deploy|report)
 #
 # Variables: RUN (runs/quickstart), NUM_GPUS (all GPUs, or 2 CPU ranks), SFT_STEPS, DISTILL_STEPS.
 set -euo pipefail
@@ -35,10 +36,10 @@ bash scripts/setup.sh
 PY=.venv/bin/python
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
-stage() {  # stage NAME DONE_MARKER: true when the stage should run
+stage() {  # stage NAME DONE_MARKER: true when the stage should run (an empty marker: always)
   local name=$1 marker=$2
   if [ -n "$ONLY" ] && [ "$ONLY" != "$name" ]; then return 1; fi
-  if [ "$FORCE" = 0 ] && [ -e "$marker" ]; then echo "== $name: done already ($marker; --force to redo)"; return 1; fi
+  if [ "$FORCE" = 0 ] && [ -n "$marker" ] && [ -e "$marker" ]; then echo "== $name: done already ($marker; --force to redo)"; return 1; fi
   echo "== $name"
   return 0
 }
@@ -82,4 +83,7 @@ if stage deploy "dist/rv1126b/report.json"; then
   $PY -m deploy --model "$RUN/distill/final" --target rv1126b --calib data/catalogs/valid.jsonl \
     --test data/catalogs/test.jsonl --out dist/rv1126b
 fi
-echo "== done. TensorBoard: bash scripts/tensorboard.sh $RUN"
+if stage report ""; then  # cheap: always re-rendered
+  $PY -m inference.report --run "$RUN" --dist dist/rv1126b
+fi
+echo "== done. Report: $RUN/report.md  TensorBoard: bash scripts/tensorboard.sh $RUN"
