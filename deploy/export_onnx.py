@@ -1,6 +1,6 @@
 """Export a student folder to the static ONNX graphs of docs/CONTRACTS.md and prove they match torch.
 
-    python -m deploy.export_onnx --model RUN/final --out DIST/onnx [--max_source_len N] [--opset 17] \
+    python -m deploy.export_onnx --model RUN/final --out DIST/onnx [--max_source_len N] [--opset 17] \\
         [--calib data/catalogs/valid.jsonl] [--test data/catalogs/test.jsonl]
 
 Writes into OUT (= DIST/onnx):
@@ -331,6 +331,9 @@ def load_student(folder: Path) -> tuple[StudentForTranslation, data.ExampleBuild
 
 def export(opts: ExportOptions) -> dict:
     """Every file listed in the module docstring; returns parity.json's content."""
+    if opts.out.name != "onnx":
+        raise ExportError(f"--out {opts.out}: name the folder onnx (DIST/onnx); inference.backends, the converter "
+                          "and the packager find the graphs there and onnx-int8/, tokenizer/ beside it")
     if opts.opset < MIN_OPSET:
         raise ExportError(f"--opset {opts.opset}: need {MIN_OPSET} or newer (LayerNormalization)")
     student, builder = load_student(opts.model)
@@ -340,33 +343,33 @@ def export(opts: ExportOptions) -> dict:
         raise ExportError(f"--max_source_len {S}: must be 1..{limit} (the model's max_source_len)")
     meta = build_meta(student, S)
     dist = Dist(opts.out.parent)
-    opts.out.mkdir(parents=True, exist_ok=True)
+    dist.onnx.mkdir(parents=True, exist_ok=True)
     io = contract_io(meta)
 
     log.info("exporting %s decoder (S=%d, Tc=%d, D=%d, V=%d) to %s", meta.decoder, S, meta.Tc, meta.D, meta.V,
-             opts.out)
+             dist.onnx)
     for name, module in (("encoder", EncoderGraph(student)), ("decoder", DecoderGraph(student))):
         inputs, outputs = io[name]
-        export_graph(module.eval(), inputs, list(outputs), opts.out / f"{name}.onnx", opts.opset)
-        check_graph(opts.out / f"{name}.onnx", inputs, outputs)
+        export_graph(module.eval(), inputs, list(outputs), dist.onnx / f"{name}.onnx", opts.opset)
+        check_graph(dist.onnx / f"{name}.onnx", inputs, outputs)
     tables = embed_tables(student)
-    (opts.out / "embed.bin").write_bytes(tables.to_bytes())
-    meta.save(opts.out / "meta.json")
+    dist.embed.write_bytes(tables.to_bytes())
+    meta.save(dist.meta)
     builder.tokenizer.save_pretrained(dist.tokenizer)
     builder.vocab.save(dist.tokenizer)
     log.info("onnxruntime int8 (dynamic) -> %s", dist.int8)
-    quantize_int8(opts.out, dist.int8)
+    quantize_int8(dist.onnx, dist.int8)
 
     state_names = [n for n in io["decoder"][0] if n not in ("tok_embeds", "enc_out", "src_mask_bias")]
     reference = TorchStepModel(student, state_names, list(io["decoder"][1]))
-    onnx_fp32 = OnnxStepModel(opts.out)
+    onnx_fp32 = OnnxStepModel(dist.onnx)
     requests, too_long = requests_from(opts.test, builder, S, opts.n_parity, meta.directions)
     log.info("parity on %d test sentences: torch generate vs onnxruntime fp32 and int8", len(requests))
     expected = [torch_greedy(student, r) for r in requests]
     report = {"sentences": len(requests), "skipped_too_long": too_long, "test": str(opts.test),
               "onnx": parity(reference, onnx_fp32, tables, meta, requests, expected),
               "onnx-int8": parity(reference, OnnxStepModel(dist.int8), tables, meta, requests, expected)}
-    (opts.out / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
+    dist.parity.write_text(json.dumps(report, indent=2) + "\n")
     check_parity(report["onnx"])
 
     calib, _ = requests_from(opts.calib, builder, S, opts.n_calib, meta.directions)
@@ -399,7 +402,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="student folder (RUN/final)")
     parser.add_argument("--out", type=Path, required=True,
-                        help="output folder, normally DIST/onnx (onnx-int8/ and tokenizer/ go beside it)")
+                        help="output folder DIST/onnx, named onnx (onnx-int8/ and tokenizer/ go beside it)")
     parser.add_argument("--max_source_len", type=int, default=0,
                         help="static source length S of the graphs (default 0: the model's max_source_len)")
     parser.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset, {MIN_OPSET} or newer")

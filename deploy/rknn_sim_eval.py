@@ -11,7 +11,7 @@ converted one), then answers decode requests, one JSON line each way:
 The decoding loop is inference/backends.py's `greedy`, loaded by file path (the inference package imports torch and
 transformers, which this venv does not have). Toolkit logs: DIST/rknn/<precision>/sim/.
 
-    printf '%s\\n' '{"sources": [[5, 6, 7]], "directions": [0]}' | \
+    printf '%s\\n' '{"sources": [[5, 6, 7]], "directions": [0]}' | \\
         .venv-rknn/bin/python deploy/rknn_sim_eval.py --dist DIST --precision w8a8
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ class SimulatorStepModel:
         return outputs["logits"], bk.next_state(state, outputs)
 
 
-def build_options(dist: Any, precision: str) -> cr.BuildOptions:
+def build_options(dist: bk.Dist, precision: str) -> cr.BuildOptions:
     """The converter's options for this DIST (target, algorithm, hybrid threshold), else the defaults."""
     if not dist.rknn_report.is_file():
         return cr.BuildOptions(precision)

@@ -166,7 +166,8 @@ def test_rknn_sim_reports_a_bad_precision_in_one_line(rknn_python: Path, deploye
 
 
 def quality(bleu: dict[str, tuple[float, float]]) -> dict[str, dict]:
-    return {name: {d: {"bleu": b} for d, b in zip(DIRECTIONS, scores)} for name, scores in bleu.items()}
+    """Scores per backend and direction; chrF is BLEU + 20, enough for the reason text."""
+    return {name: {d: {"bleu": b, "chrf": b + 20} for d, b in zip(DIRECTIONS, scores)} for name, scores in bleu.items()}
 
 
 def test_auto_picks_the_smallest_within_one_bleu() -> None:
@@ -176,6 +177,13 @@ def test_auto_picks_the_smallest_within_one_bleu() -> None:
     choice = pipeline.choose_precision(scores, sizes, DIRECTIONS)
     assert choice["precision"] == "w8a8"  # w4a16 is smaller but 1.5 BLEU down in zh-en
     assert "within 1.0 BLEU" in choice["reason"] and "fp16" in choice["reason"]
+    assert "zh-en BLEU 19.50 vs 20.00, chrF 39.50 vs 40.00" in choice["reason"] and "note" not in choice["reason"]
+
+
+def test_auto_warns_when_bleu_cannot_separate_precisions() -> None:
+    scores = quality({"torch": (0.3, 0.0), "rknn-sim:w8a8": (0.0, 0.0), "rknn-sim:fp16": (0.3, 0.0)})
+    choice = pipeline.choose_precision(scores, {"w8a8": 2000, "fp16": 4000}, DIRECTIONS)
+    assert choice["precision"] == "w8a8" and "torch itself scores below 1.0 BLEU" in choice["reason"]
 
 
 def test_auto_falls_back_to_the_best_and_says_so() -> None:
