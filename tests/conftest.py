@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +38,15 @@ def write_mo(path: Path, messages: dict[str, str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(header + orig_table + trans_table + blob)
     return path
+
+
+@pytest.fixture(scope="session")
+def rknn_python() -> Path:
+    """The RKNN toolkit's own virtualenv, created on first use (a few minutes on a fresh machine)."""
+    venv = ROOT / ".venv-rknn"
+    if not (venv / ".rknn-setup-done").is_file():
+        subprocess.run(["bash", str(ROOT / "deploy" / "setup_rknn_env.sh"), str(venv)], check=True, timeout=1800)
+    return venv / "bin" / "python"
 
 
 @pytest.fixture(scope="session")

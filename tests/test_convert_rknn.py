@@ -22,7 +22,6 @@ import fixtures_onnx as fx
 
 REPO = Path(__file__).resolve().parents[1]
 CONVERTER = REPO / "deploy" / "convert_rknn.py"
-RKNN_VENV = REPO / ".venv-rknn"
 KINDS = ("recurrent", "transformer")
 
 # Regression floor for w8a8 on the tiny random fixtures. Measured (rknn-toolkit2 2.5.0, rv1126b, normal algorithm,
@@ -43,13 +42,6 @@ def load_converter() -> ModuleType:
 
 cr = load_converter()
 
-
-@pytest.fixture(scope="session")
-def rknn_python() -> Path:
-    if not (RKNN_VENV / ".rknn-setup-done").is_file():
-        subprocess.run(["bash", str(REPO / "deploy" / "setup_rknn_env.sh"), str(RKNN_VENV)], check=True,
-                       timeout=1800)
-    return RKNN_VENV / "bin" / "python"
 
 
 @pytest.fixture(scope="session")

@@ -21,17 +21,9 @@ from inference.backends import Dist
 from test_export_onnx import export_args, make_student, run_module
 
 REPO = Path(__file__).resolve().parents[1]
-RKNN_VENV = REPO / ".venv-rknn"
 DIRECTIONS = ["zh-en", "en-zh"]
 LIMIT = 10
 
-
-@pytest.fixture(scope="session")
-def rknn_python() -> Path:
-    if not (RKNN_VENV / ".rknn-setup-done").is_file():
-        subprocess.run(["bash", str(REPO / "deploy" / "setup_rknn_env.sh"), str(RKNN_VENV)], check=True,
-                       timeout=1800)
-    return RKNN_VENV / "bin" / "python"
 
 
 @pytest.fixture(scope="module")
