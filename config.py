@@ -61,26 +61,38 @@ class DataConfig:
     directions: list = _field(list(DIRECTIONS), "translation directions to train, each one example per pair")
     vocab_size: int = _field(8000, "student vocabulary: the most frequent teacher token ids in the training "
                              "corpus (special and byte tokens are always added)", low=300, high=200000)
-    max_chars: int = _field(200, "longest side of a pair, in characters; longer pairs are bad lines",
-                            low=8, high=100000)
-    on_bad_line: str = _field("error", "a malformed corpus line: stop with its file and line, or skip and count",
+    max_chars: int = _field(200, "longest side of a pair, in characters; a pair with a longer side is a bad line "
+                            "(reason too_long)", low=8, high=100000)
+    on_bad_line: str = _field("error", "a bad corpus line (not UTF-8, invalid JSON/TSV, missing, empty or "
+                              "non-string field, too long, wrong language, source equal to target, exact "
+                              "duplicate): error = stop before training and list every one with file, line and "
+                              "reason; skip = drop them and log their counts per reason and file",
                               choices=("error", "skip"))
-    tokens_per_batch: int = _field(0, "fill each micro-batch up to this many target+source tokens with "
-                                   "length bucketing; 0 = use train.micro_batch_size sentences", low=0, high=10**7)
+    tokens_per_batch: int = _field(1024, "fill each micro-batch up to this many padded source+target tokens, "
+                                   "with length bucketing so padding stays low; 0 = train.micro_batch_size "
+                                   "sentences per micro-batch", low=0, high=10**7)
     valid_subset: int = _field(200, "validation pairs used for BLEU during training", low=1, high=10**6)
 
 
 @dataclass
 class DistillConfig:
     """How the student learns from the teacher."""
-    kd_loss: str = _field("forward_kl", "divergence between teacher and student token distributions",
-                          choices=("forward_kl", "reverse_kl", "jsd"))
+    kd_loss: str = _field("forward_kl", "divergence between teacher and student token distributions (kd_loss.py "
+                          "defines each)", choices=("forward_kl", "reverse_kl", "jsd", "skew_forward_kl",
+                                                    "skew_reverse_kl", "tvd"))
     alpha: float = _field(0.5, "weight of the KD term; 1 - alpha weighs cross-entropy on the reference",
                           low=0.0, high=1.0)
     temperature: float = _field(2.0, "softens both distributions; the KD term is scaled by T^2",
                                 low=0.05, high=100.0)
     beta: float = _field(0.5, "JSD mixture weight (0 tends to forward KL, 1 to reverse KL)", low=0.0, high=1.0)
-    teacher_offload: bool = _field(False, "keep the teacher's shards in CPU memory (slowest, least GPU memory)")
+    skew: float = _field(0.1, "skewed KLs: share of the first distribution mixed into the second (DistiLLM's "
+                         "alpha; 0 = plain KL)", low=0.0, high=0.99)
+    chunk_tokens: int = _field(0, "target tokens per chunk of the fused KD loss; 0 = as many as fit 256 MiB of "
+                               "float32 logits at the student's vocabulary", low=0, high=10**6)
+    teacher_placement: str = _field("auto", "where the frozen teacher's weights live: resident = whole on every "
+                                    "rank (no all-gather per step), sharded = ZeRO-3 partitions gathered per "
+                                    "layer, offload = partitions in CPU memory (slowest); auto picks by free "
+                                    "memory and logs why", choices=("auto", "resident", "sharded", "offload"))
 
 
 @dataclass
@@ -164,6 +176,7 @@ ALIASES = {
     "save_every": "train.save_every", "keep": "train.keep", "patience": "train.patience",
     "lr": "train.lr", "seed": "train.seed", "micro_batch_size": "train.micro_batch_size",
     "kd_loss": "distill.kd_loss", "alpha": "distill.alpha", "temperature": "distill.temperature",
+    "teacher_placement": "distill.teacher_placement",
     "on_bad_line": "data.on_bad_line", "max_bad_steps": "train.max_bad_steps", "log_every": "train.log_every",
     "warmup_steps": "train.warmup_steps", "grad_accum": "train.grad_accum", "ds_config": "train.ds_config",
     "decoder": "model.decoder",

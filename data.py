@@ -9,17 +9,19 @@ position by position (see `collate`).
 
 from __future__ import annotations
 
+import codecs
 import gettext
 import hashlib
 import json
 import logging
 import random
 import re
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
+
+from config import DIRECTIONS, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ SPLITS = ("train", "valid", "test")
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 LANGUAGE_NAMES = {"zh": "Chinese", "en": "English"}
 IGNORE_INDEX = -100
+MAX_CHARS = DataConfig.max_chars  # default longest side of a pair; config.py owns the value
 
 
 class CorpusError(ValueError):
@@ -45,132 +48,223 @@ class Pair:
 
 # --------------------------------------------------------------------------- reading and validation
 
+# Why a line is unusable, as a short key: bad lines are counted per key (logs, CheckResult.counts, stats.json).
+REASONS = ("not_utf8", "invalid_json", "invalid_tsv", "not_object", "missing_field", "not_string", "empty_field",
+           "too_long", "source_equals_target", "not_chinese", "not_english", "duplicate")
+SHOWN_PROBLEMS = 20  # an error lists this many bad lines and counts the rest
+
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
 _LATIN = re.compile(r"[A-Za-z]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # only a JSON escape such as "\ud800" can put one in a str
+# English text may quote a few ideographs ("the character 中 means middle"); more than one per this many Latin
+# letters means the field is Chinese or mixed, usually swapped columns.
+LATIN_LETTERS_PER_IDEOGRAPH = 10
 
 
-def problem_with(zh: object, en: object, max_chars: int) -> str | None:
+@dataclass(frozen=True)
+class Problem:
+    reason: str  # one of REASONS
+    detail: str  # what is wrong; how to fix
+
+
+@dataclass(frozen=True)
+class BadLine:
+    where: str  # "path:line", or "dataset[split]:row"
+    problem: Problem
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.problem.detail}"
+
+
+@dataclass
+class CheckResult:
+    """One corpus file (or dataset split) after validation: its usable pairs and every bad line."""
+    origin: str
+    pairs: list[Pair] = field(default_factory=list)
+    bad: list[BadLine] = field(default_factory=list)
+
+    @property
+    def lines(self) -> int:
+        """Non-blank lines (or rows) read: each is a pair or a bad line."""
+        return len(self.pairs) + len(self.bad)
+
+    @property
+    def counts(self) -> Counter:
+        return Counter(b.problem.reason for b in self.bad)
+
+    def summary(self) -> str:
+        if not self.bad:
+            return f"{self.origin}: {len(self.pairs)} pairs, no bad lines"
+        return f"{self.origin}: kept {len(self.pairs)} of {self.lines} lines, skipped {_count_text(self.counts)}"
+
+
+def _count_text(counts: Counter) -> str:
+    return " ".join(f"{reason}={n}" for reason, n in counts.most_common())
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def problem_with(zh: object, en: object, max_chars: int) -> Problem | None:
     """Why a pair is unusable, or None when it is fine."""
     for lang, text in (("zh", zh), ("en", en)):
         if not isinstance(text, str):
-            return f"field {lang!r} is missing or not a string"
+            return Problem("not_string", f"field {lang!r} is {_json_type(text)}, not a string; quote the text")
         if not text.strip():
-            return f"field {lang!r} is empty"
+            return Problem("empty_field", f"field {lang!r} is empty; translate it or remove the line")
         if len(text) > max_chars:
-            return f"field {lang!r} has {len(text)} characters, more than data.max_chars={max_chars}"
-    if not _CJK.search(zh):
-        return "field 'zh' has no Chinese characters (are the columns swapped?)"
-    if not _LATIN.search(en):
-        return "field 'en' has no Latin letters"
+            return Problem("too_long", f"field {lang!r} has {len(text)} characters, more than "
+                           f"data.max_chars={max_chars}; split the sentence or raise --data.max_chars")
+        if _SURROGATE.search(text):
+            return Problem("not_utf8", f"field {lang!r} holds a lone surrogate escape, which UTF-8 cannot "
+                           "encode; fix the \\uXXXX escape")
+    # Checked before the language rules: an untranslated line would otherwise be reported as "no Chinese".
     if zh.strip() == en.strip():
-        return "source equals target"
+        return Problem("source_equals_target", "zh and en are the same text (untranslated); translate it "
+                       "or remove the line")
+    if not _CJK.search(zh):
+        return Problem("not_chinese", "field 'zh' has no Chinese ideograph; check that zh and en are not swapped")
+    if _CJK.search(en) or not _LATIN.search(en):  # counting every line's letters would slow big corpora down
+        latin, ideographs = len(_LATIN.findall(en)), len(_CJK.findall(en))
+        if not latin or ideographs * LATIN_LETTERS_PER_IDEOGRAPH > latin:
+            return Problem("not_english", f"field 'en' has {latin} Latin letter(s) and {ideographs} Chinese "
+                           f"ideograph(s), English needs a letter and at most 1 ideograph per "
+                           f"{LATIN_LETTERS_PER_IDEOGRAPH} letters; check that zh and en are not swapped")
     return None
 
 
-def _pair_from_record(record: object) -> tuple[object, object]:
+def _pair_from_record(record: object) -> tuple[object, object, object] | Problem:
+    """(zh, en, catalog) of a JSON line or dataset row, or why it has none."""
     if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        return Problem("not_object", f"{_json_type(record)}, not an object; write "
+                       '{"zh": "...", "en": "..."} a line')
+    fields = record
     if "translation" in record:  # the Hugging Face WMT schema
-        inner = record["translation"]
-        if not isinstance(inner, dict):
-            raise ValueError("field 'translation' is not an object")
-        return inner.get("zh"), inner.get("en")
-    return record.get("zh"), record.get("en")
+        fields = record["translation"]
+        if not isinstance(fields, dict):
+            return Problem("not_object", f"field 'translation' is {_json_type(fields)}, not an object; write "
+                           '{"translation": {"zh": "...", "en": "..."}}')
+    for lang in ("zh", "en"):
+        if lang not in fields:
+            return Problem("missing_field", f"field {lang!r} is missing; give both \"zh\" and \"en\"")
+    catalog = record.get("catalog", "")
+    if not isinstance(catalog, str):
+        return Problem("not_string", f"field 'catalog' is {_json_type(catalog)}, not a string; quote it or drop it")
+    return fields["zh"], fields["en"], catalog
 
 
-def _parse_line(raw: bytes, suffix: str) -> tuple[object, object, str]:
-    text = raw.decode("utf-8")  # UnicodeDecodeError is reported by the caller
+def _parse_line(raw: bytes, suffix: str) -> tuple[object, object, object] | Problem:
+    try:
+        text = raw.decode("utf-8").rstrip("\r\n")  # so a JSON error's column is on this line, not past its end
+    except UnicodeDecodeError as exc:
+        return Problem("not_utf8", f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                       "re-encode the file as UTF-8")
     if suffix == ".tsv":
-        cols = text.rstrip("\r\n").split("\t")
+        cols = text.split("\t")
         if len(cols) != 2:
-            raise ValueError(f"expected 2 tab-separated columns (zh, en), found {len(cols)}")
+            return Problem("invalid_tsv", f"{len(cols)} tab-separated column(s), expected 2 (zh, en); "
+                           "remove stray tabs or join the line")
         return cols[0], cols[1], ""
-    record = json.loads(text)
-    zh, en = _pair_from_record(record)
-    return zh, en, str(record.get("catalog", "")) if isinstance(record, dict) else ""
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError or too many digits; nesting deeper than the stack
+        what = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
+        return Problem("invalid_json", f"invalid JSON ({what}); write one JSON object a line")
+    return _pair_from_record(record)
 
 
-def read_pairs(path: str | Path, on_bad_line: str = "error", max_chars: int = 200) -> list[Pair]:
-    """Read a .jsonl ({"zh","en"} or {"translation": {...}}) or .tsv (zh<TAB>en) file.
+def _validate(origin: str, entries: Iterable[tuple[int, tuple[object, object, object] | Problem]],
+              max_chars: int, unit: str, default_source: str) -> CheckResult:
+    """Check numbered (zh, en, source) entries: pair rules, then exact duplicates (stripped, as the model sees
+    them) within this one origin."""
+    result = CheckResult(origin)
+    first_seen: dict[tuple[str, str], int] = {}
+    for number, parsed in entries:
+        problem = parsed if isinstance(parsed, Problem) else problem_with(parsed[0], parsed[1], max_chars)
+        if problem is None:
+            zh, en, source = parsed
+            key = (zh.strip(), en.strip())
+            if key not in first_seen:
+                first_seen[key] = number
+                result.pairs.append(Pair(zh, en, source or default_source))
+                continue
+            problem = Problem("duplicate", f"exact duplicate of {unit} {first_seen[key]}; remove one of them")
+        result.bad.append(BadLine(f"{origin}:{number}", problem))
+    return result
 
-    Every line is checked; with on_bad_line='error' all problems are collected and raised together,
-    with 'skip' bad lines are dropped and counted in the log.
+
+def _file_entries(handle: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    for number, raw in enumerate(handle, start=1):
+        if number == 1:
+            raw = raw.removeprefix(codecs.BOM_UTF8)  # editors on Windows start UTF-8 files with one
+        if raw.strip():
+            yield number, raw
+
+
+def check_file(path: str | Path, max_chars: int = MAX_CHARS) -> CheckResult:
+    """Validate every line of a .jsonl ({"zh","en"} or {"translation": {...}}) or .tsv (zh<TAB>en) file.
+
+    Bytes are decoded line by line, so a non-UTF-8 line is reported like any other bad line.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CorpusError(f"{path}: file not found")
     suffix = ".tsv" if path.suffix == ".tsv" else ".jsonl"
-    pairs: list[Pair] = []
-    problems: list[str] = []
-    first_seen: dict[tuple[str, str], int] = {}
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                zh, en, source = _parse_line(raw, suffix)
-            except UnicodeDecodeError as exc:
-                problems.append(f"{path}:{number}: not UTF-8 (byte {exc.start}); re-encode the file as UTF-8")
-                continue
-            except ValueError as exc:  # json.JSONDecodeError is a ValueError
-                problems.append(f"{path}:{number}: invalid {suffix.lstrip('.').upper()}: {exc}")
-                continue
-            reason = problem_with(zh, en, max_chars)
-            if reason is None and (zh, en) in first_seen:
-                reason = f"exact duplicate of line {first_seen[(zh, en)]}"
-            if reason:
-                problems.append(f"{path}:{number}: {reason}")
-                continue
-            first_seen[(zh, en)] = number
-            pairs.append(Pair(zh, en, source or path.stem))
-    if problems and on_bad_line == "error":
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise CorpusError(f"{len(problems)} bad line(s) in {path}:\n  {shown}{more}\n"
-                          "Fix them, or pass --on_bad_line skip to drop and count them.")
-    if problems:
-        log.warning("%s: skipped %d bad line(s) of %d (first: %s)", path, len(problems),
-                    len(problems) + len(pairs), problems[0])
-    return pairs
+    try:
+        with path.open("rb") as handle:
+            entries = ((number, _parse_line(raw, suffix)) for number, raw in _file_entries(handle))
+            return _validate(str(path), entries, max_chars, "line", path.stem)
+    except OSError as exc:
+        raise CorpusError(f"{path}: cannot read ({exc.strerror or exc}); give a readable .jsonl or .tsv file") from None
 
 
-def _pairs_from_dataset(rows: Iterable[dict], origin: str, on_bad_line: str, max_chars: int) -> list[Pair]:
-    pairs, bad = [], []
-    for index, row in enumerate(rows):
-        try:
-            zh, en = _pair_from_record(row)
-        except ValueError as exc:
-            bad.append(f"{origin}[{index}]: {exc}")
-            continue
-        reason = problem_with(zh, en, max_chars)
-        if reason:
-            bad.append(f"{origin}[{index}]: {reason}")
-        else:
-            pairs.append(Pair(zh, en, origin))
+def enforce(results: Sequence[CheckResult], on_bad_line: str) -> None:
+    """Apply the bad-line policy to checked sources: 'error' raises one CorpusError listing the bad lines of all
+    of them; 'skip' keeps only the good pairs and logs one warning per source that lost lines, with its counts
+    per reason (clean sources log at debug level, so CLIs that use the loaders keep their output quiet)."""
+    if on_bad_line not in ("error", "skip"):
+        raise CorpusError(f"on_bad_line={on_bad_line!r}; use 'error' or 'skip'")
+    bad = [line for result in results for line in result.bad]
     if bad and on_bad_line == "error":
-        raise CorpusError(f"{len(bad)} bad row(s), first: {bad[0]}; pass --on_bad_line skip to drop them")
-    if bad:
-        log.warning("%s: skipped %d bad row(s)", origin, len(bad))
-    return pairs
+        shown = "\n  ".join(str(line) for line in bad[:SHOWN_PROBLEMS])
+        more = f"\n  ... and {len(bad) - SHOWN_PROBLEMS} more" if len(bad) > SHOWN_PROBLEMS else ""
+        by_origin = "; ".join(f"{r.origin}: {_count_text(r.counts)}" for r in results if r.bad)
+        raise CorpusError(f"{len(bad)} bad line(s) ({by_origin}):\n  {shown}{more}\n"
+                          "Fix them, or pass --on_bad_line skip to drop and count them.")
+    for result in results:
+        (log.warning if result.bad else log.debug)("%s", result.summary())
 
 
-def load_split(path: str | Path, split: str, on_bad_line: str = "error", max_chars: int = 200) -> list[Pair]:
-    """One split of a corpus given by folder, file, saved `datasets` folder, or hub name (`wmt19:zh-en`)."""
+def read_pairs(path: str | Path, on_bad_line: str = "error", max_chars: int = MAX_CHARS) -> list[Pair]:
+    """The pairs of one file (see check_file) under the bad-line policy (see enforce)."""
+    result = check_file(path, max_chars)
+    enforce([result], on_bad_line)
+    return result.pairs
+
+
+def _check_dataset(rows: Iterable[dict], origin: str, max_chars: int) -> CheckResult:
+    entries = ((number, _pair_from_record(row)) for number, row in enumerate(rows, start=1))
+    return _validate(origin, entries, max_chars, "row", origin)
+
+
+def check_split(path: str | Path, split: str, max_chars: int = MAX_CHARS) -> CheckResult:
+    """Validate one split of a corpus given by folder, file, saved `datasets` folder, or hub name (`wmt19:zh-en`)."""
     text = str(path)
     p = Path(path)
     if p.is_dir() and (p / f"{split}.jsonl").is_file():
-        return read_pairs(p / f"{split}.jsonl", on_bad_line, max_chars)
+        return check_file(p / f"{split}.jsonl", max_chars)
     if p.is_dir() and (p / f"{split}.tsv").is_file():
-        return read_pairs(p / f"{split}.tsv", on_bad_line, max_chars)
+        return check_file(p / f"{split}.tsv", max_chars)
     if p.is_file():
         if split != "train":
             raise CorpusError(f"{p}: a single file is only a train split; give a folder with {split}.jsonl")
-        return read_pairs(p, on_bad_line, max_chars)
+        return check_file(p, max_chars)
     if p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file()):
         import datasets
         loaded = datasets.load_from_disk(str(p))
         table = loaded[_hf_split(loaded, split, text)] if isinstance(loaded, datasets.DatasetDict) else loaded
-        return _pairs_from_dataset(table, f"{p}:{split}", on_bad_line, max_chars)
+        return _check_dataset(table, f"{p}[{split}]", max_chars)
     if p.exists():
         raise CorpusError(f"{p}: no {split}.jsonl/{split}.tsv here and not a datasets folder")
     if re.fullmatch(r"[\w.\-/]+(:[\w.\-]+)?", text) and not text.startswith(("/", ".")):
@@ -181,8 +275,21 @@ def load_split(path: str | Path, split: str, on_bad_line: str = "error", max_cha
         except Exception as exc:  # the hub raises many types; all mean "cannot load this"
             raise CorpusError(f"{text}: datasets.load_dataset failed ({type(exc).__name__}: {exc}); "
                               "check the name and that the hub or a local cache is reachable") from None
-        return _pairs_from_dataset(loaded[_hf_split(loaded, split, text)], f"{text}:{split}", on_bad_line, max_chars)
+        return _check_dataset(loaded[_hf_split(loaded, split, text)], f"{text}[{split}]", max_chars)
     raise CorpusError(f"{path}: not found (expected a folder, a .jsonl/.tsv file, or a datasets name)")
+
+
+def load_splits(path: str | Path, splits: Sequence[str] = ("train", "valid"), on_bad_line: str = "error",
+                max_chars: int = MAX_CHARS) -> dict[str, CheckResult]:
+    """Check every split before applying the policy, so one error lists the bad lines of all of them."""
+    results = {split: check_split(path, split, max_chars) for split in splits}
+    enforce(list(results.values()), on_bad_line)
+    return results
+
+
+def load_split(path: str | Path, split: str, on_bad_line: str = "error", max_chars: int = MAX_CHARS) -> list[Pair]:
+    """The pairs of one split (see check_split) under the bad-line policy (see enforce)."""
+    return load_splits(path, (split,), on_bad_line, max_chars)[split].pairs
 
 
 def _hf_split(loaded, split: str, origin: str) -> str:
@@ -255,11 +362,13 @@ class CorpusStats:
 
 def build_catalog_corpus(locale_dir: str | Path, out_dir: str | Path, language: str = "zh_CN",
                          valid_fraction: float = 0.05, test_fraction: float = 0.05, seed: int = 0,
-                         max_chars: int = 200, min_catalogs: int = 3) -> CorpusStats:
+                         max_chars: int = MAX_CHARS, min_catalogs: int = 3) -> CorpusStats:
     """Read every LANGUAGE gettext catalog under locale_dir and write train/valid/test.jsonl split by catalog.
 
     Whole catalogs go to one split, so a product's strings never leak from train to test; a pair whose
-    English or Chinese side also occurs in train is dropped from valid/test for the same reason.
+    English or Chinese side also occurs in train is dropped from valid/test for the same reason. Pairs are
+    filtered by the validator's own rules (problem_with), counted per reason in stats.json, so the written
+    splits pass load_splits with on_bad_line='error' at the same max_chars.
     """
     files = sorted(Path(locale_dir).glob(f"{language}/LC_MESSAGES/*.mo"))
     if len(files) < min_catalogs:
@@ -272,11 +381,11 @@ def build_catalog_corpus(locale_dir: str | Path, out_dir: str | Path, language: 
     for file in files:
         for pair in read_catalog(file):
             stats.raw_pairs += 1
-            reason = problem_with(pair.zh, pair.en, max_chars)
-            if reason:
-                stats.dropped[reason.split(" (")[0] if "characters" not in reason else "too long"] += 1
+            problem = problem_with(pair.zh, pair.en, max_chars)
+            if problem:
+                stats.dropped[problem.reason] += 1
                 continue
-            if pair.en in seen:
+            if pair.en in seen:  # stricter than the validator's exact (zh, en) duplicates: one translation per string
                 stats.dropped["duplicate"] += 1
                 continue
             seen.add(pair.en)
@@ -302,7 +411,7 @@ def build_catalog_corpus(locale_dir: str | Path, out_dir: str | Path, language: 
         chosen = [p for name in sorted(by_catalog) if split_of[name] == split for p in by_catalog[name]]
         if split != "train":
             kept = [p for p in chosen if p.zh not in train_sides and p.en not in train_sides]
-            stats.dropped["also in train"] += len(chosen) - len(kept)
+            stats.dropped["also_in_train"] += len(chosen) - len(kept)
             chosen = kept
         stats.pairs[split] = write_jsonl(chosen, out_dir / f"{split}.jsonl")
         stats.catalogs[split] = sorted(name for name in by_catalog if split_of[name] == split)
@@ -426,7 +535,6 @@ class Example:
 
 
 def direction_index(direction: str) -> int:
-    from config import DIRECTIONS
     return DIRECTIONS.index(direction)
 
 

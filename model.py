@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,7 @@ class StudentOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     hidden: torch.Tensor | None = None  # final decoder states before the output layer, [B, T, D]
+    loss_parts: Any = None              # what forward's output_loss returned (kd_loss.LossParts)
 
 
 def sinusoid_table(length: int, dim: int) -> torch.Tensor:
@@ -66,13 +68,16 @@ def sinusoid_table(length: int, dim: int) -> torch.Tensor:
 
 
 class TokenEmbedding(nn.Embedding):
-    """Token lookup, and the tied output layer when called with project=True.
+    """Token lookup; the tied output layer with project=True; a loss fused with the output layer with
+    output_loss=fn (called as fn(hidden, weight), e.g. kd_loss.fused_distill_loss).
 
-    Both uses go through this module's own call because ZeRO-3 gathers a partitioned weight only
+    All uses go through this module's own call because ZeRO-3 gathers a partitioned weight only
     while the module that owns it runs; a bare F.linear on the weight elsewhere would see an empty tensor.
     """
 
-    def forward(self, x: torch.Tensor, project: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, project: bool = False, output_loss: Callable | None = None):
+        if output_loss is not None:
+            return output_loss(x, self.weight)
         return F.linear(x, self.weight) if project else super().forward(x)
 
 
@@ -286,10 +291,17 @@ class StudentForTranslation(PreTrainedModel):
 
     def forward(self, source_ids: torch.Tensor, source_mask: torch.Tensor, direction: torch.Tensor,
                 decoder_input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                return_logits: bool = True, **_) -> StudentOutput:
-        """Teacher-forced pass. Shapes: source [B, S], direction [B], decoder_input_ids/labels [B, T]."""
+                return_logits: bool = True, output_loss: Callable | None = None, **_) -> StudentOutput:
+        """Teacher-forced pass. Shapes: source [B, S], direction [B], decoder_input_ids/labels [B, T].
+
+        With output_loss, the output layer is left to that function (fed the final hidden states and the
+        tied weight) and no logits are built: its result comes back as loss_parts, its .total as loss.
+        """
         memory, src_bias = self.encode(source_ids, source_mask, direction)
         hidden, _ = self.decode(decoder_input_ids, direction, memory, src_bias)
+        if output_loss is not None:
+            parts = self.embed(hidden, output_loss=output_loss)
+            return StudentOutput(loss=parts.total, hidden=hidden, loss_parts=parts)
         logits = self.output_logits(hidden) if return_logits or labels is not None else None
         loss = None
         if labels is not None:

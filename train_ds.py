@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ import torch.distributed as dist
 
 import config as config_lib
 import data
-from kd_loss import LossParts, distill_loss
+from kd_loss import LossParts, fused_distill_loss
 
 log = logging.getLogger("train_ds")
 
@@ -106,8 +107,6 @@ def deepspeed_config(path: str, cfg: config_lib.Config, world: int, use_bf16: bo
         ds["gradient_clipping"] = cfg.train.grad_clip
         if "optimizer" in ds:
             ds["optimizer"]["params"].update(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    if cfg.distill.teacher_offload and not trained:
-        ds["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
     return ds
 
 
@@ -144,41 +143,96 @@ def build_engine(model, ds: dict, cfg: config_lib.Config, total_steps: int):
 
 # ----------------------------------------------------------------------------- the teacher
 
-def load_teacher(path: str, ds: dict, dtype: torch.dtype, trainable: bool, kept_ids: list[int] | None):
-    """Load a Hugging Face causal LM partitioned as it loads (ZeRO-3), optionally cutting its output
-    layer down to the student's kept ids so teacher logits are only ever computed on that vocabulary.
+def load_teacher(path: str, ds: dict, dtype: torch.dtype):
+    """A Hugging Face causal LM, partitioned as it loads when ds is a ZeRO-3 config.
 
     Returns (model, hf_ds_config); keep the second alive as long as the model: transformers reads it
     through a weak reference to decide on ZeRO-3 behaviour (e.g. generate's synced_gpus).
     """
-    import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     hf_ds = HfDeepSpeedConfig(ds)  # noqa: F841 -- must exist while from_pretrained runs
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
-    if kept_ids is not None:
-        head = model.get_output_embeddings()
-        with deepspeed.zero.GatheredParameters([head.weight], modifier_rank=None):
-            rows = head.weight.shape[0]
-            if max(kept_ids) >= rows:
-                raise data.VocabMismatchError(
-                    f"{path}: output layer has {rows} rows but the vocabulary map needs id {max(kept_ids)}; "
-                    "the student vocabulary was built from a different tokenizer")
-            kept = head.weight.data[torch.tensor(kept_ids)].clone()
-        trimmed = torch.nn.Linear(kept.shape[1], kept.shape[0], bias=False, dtype=kept.dtype)
-        trimmed.weight.data.copy_(kept)
-        model.config.tie_word_embeddings = False
-        model.set_output_embeddings(trimmed)
-    model.requires_grad_(trainable)
     return model, hf_ds
 
 
+def split_teacher_head(model, kept_ids: list[int], path: str):
+    """The frozen teacher's body (embeddings, layers, final norm) and its output-layer rows for the student's
+    kept ids, as a plain tensor [K, H] on every rank: teacher logits are then only ever built inside the
+    fused loss, for the K kept ids at target positions, and the loss's chunks need no collective."""
+    import deepspeed
+    head = model.get_output_embeddings()
+    with deepspeed.zero.GatheredParameters([head.weight], modifier_rank=None):
+        rows = head.weight.shape[0]
+        if max(kept_ids) >= rows:
+            raise data.VocabMismatchError(
+                f"{path}: output layer has {rows} rows but the vocabulary map needs id {max(kept_ids)}; "
+                "the student vocabulary was built from a different tokenizer")
+        kept = head.weight.data[torch.tensor(kept_ids)].clone()
+    body = model.base_model
+    body.requires_grad_(False)
+    return body, kept
+
+
+def teacher_parameters(teacher_config) -> int:
+    """Parameter count of the teacher, from its config alone (built on the meta device: no memory)."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(teacher_config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def free_memory_per_rank(on_gpu: bool) -> int:
+    if on_gpu:
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+    return psutil.virtual_memory().available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def place_teacher(ds: dict, requested: str, parameters: int, dtype: torch.dtype, world: int,
+                  free_bytes: int) -> str:
+    """Choose where the frozen teacher's weights live, set the teacher's ZeRO-3 config for it, and return
+    a line saying which and why.
+
+    resident: every parameter persists whole on every rank (ZeRO-3's persistence threshold above the
+    largest), so no all-gather runs per step; sharded: partitions gathered layer by layer each forward;
+    offload: partitions in CPU memory. auto keeps 40% of free memory for the student and activations.
+    """
+    weight_bytes = parameters * torch.finfo(dtype).bits // 8
+    budget = int(0.6 * free_bytes)
+    gib = 2 ** 30
+    sizes = (f"teacher {weight_bytes / gib:.2f} GiB ({parameters / 1e6:.1f}M parameters), "
+             f"{free_bytes / gib:.1f} GiB free per rank")
+    if requested != "auto":
+        placement, why = requested, "as asked (--distill.teacher_placement)"
+    elif weight_bytes <= budget:
+        placement, why = "resident", "a whole copy fits beside the student"
+    elif weight_bytes / world <= budget:
+        placement, why = "sharded", f"a whole copy does not fit; a 1/{world} shard does"
+    else:
+        placement, why = "offload", f"even a 1/{world} shard does not fit"
+    zero = ds["zero_optimization"]
+    if placement == "resident":
+        zero["stage3_param_persistence_threshold"] = parameters
+        zero["stage3_max_live_parameters"] = max(zero.get("stage3_max_live_parameters", 0), parameters)
+    elif placement == "offload":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return f"teacher placement: {placement}: {why} ({sizes})"
+
+
 def teacher_logits(teacher, batch: dict, target_len: int) -> torch.Tensor:
-    """Teacher logits [B, T, K] at the T target positions only (see data.collate for the alignment)."""
+    """Logits [B, T, V] of the whole causal LM at the T target positions only (sft: the trained teacher)."""
     out = teacher(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
                   position_ids=batch["teacher_position_ids"], logits_to_keep=target_len, use_cache=False)
     return out.logits
+
+
+def teacher_hidden(teacher_body, batch: dict, target_len: int) -> torch.Tensor:
+    """The frozen teacher's final hidden states [B, T, H] at the T target positions (see data.collate)."""
+    out = teacher_body(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
+                       position_ids=batch["teacher_position_ids"], use_cache=False)
+    return out.last_hidden_state[:, -target_len:]
 
 
 # ----------------------------------------------------------------------------- steps
@@ -187,18 +241,20 @@ def to_device(batch: dict, device) -> dict:
     return {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
 
 
-def distill_step(student, teacher, batch: dict, cfg: config_lib.DistillConfig, timings: dict) -> LossParts:
-    target_len = batch["labels"].shape[1]
+def distill_step(student, teacher, teacher_rows: torch.Tensor, batch: dict, cfg: config_lib.DistillConfig,
+                 timings: dict) -> LossParts:
+    labels = batch["labels"]
     start = time.perf_counter()
     with torch.no_grad():  # never inference_mode: its tensors cannot meet ZeRO-3's trained model
-        t_logits = teacher_logits(teacher, batch, target_len)
+        hidden = teacher_hidden(teacher, batch, labels.shape[1])
     timings["teacher"] += time.perf_counter() - start
     start = time.perf_counter()
     out = student(source_ids=batch["source_ids"], source_mask=batch["source_mask"], direction=batch["direction"],
-                  decoder_input_ids=batch["decoder_input_ids"])
-    parts = distill_loss(out.logits, t_logits, batch["labels"], cfg.kd_loss, cfg.alpha, cfg.temperature, cfg.beta)
+                  decoder_input_ids=batch["decoder_input_ids"],
+                  output_loss=lambda s_hidden, s_weight: fused_distill_loss(s_hidden, s_weight, hidden,
+                                                                            teacher_rows, labels, cfg))
     timings["student"] += time.perf_counter() - start
-    return parts
+    return out.loss_parts
 
 
 def sft_step(teacher, batch: dict, timings: dict) -> LossParts:
@@ -235,10 +291,11 @@ def translate_shard(stage: str, model, builder: data.ExampleBuilder, examples: l
     return outputs
 
 
-def evaluate(stage: str, engine, teacher, builder, valid_examples: list, cfg: config_lib.Config, device) -> dict:
+def evaluate(stage: str, models: "Models", builder, valid_examples: list, cfg: config_lib.Config, device) -> dict:
     """Validation loss over the subset, then greedy BLEU/chrF per direction, computed once on rank 0."""
     from inference.metrics import score
     rank, world = dist.get_rank(), dist.get_world_size()
+    engine = models.engine
     engine.eval()
     timings = {"teacher": 0.0, "student": 0.0}
     losses = []
@@ -246,8 +303,7 @@ def evaluate(stage: str, engine, teacher, builder, valid_examples: list, cfg: co
         for indices in data.make_batches(valid_examples, cfg.train.micro_batch_size, 0, 0, 0, world)[rank::world]:
             batch = to_device(data.collate([valid_examples[i] for i in indices], builder.pad_id, builder.bos_id,
                                            builder.vocab.student_of, builder.tokenizer.pad_token_id), device)
-            parts = (distill_step(engine, teacher, batch, cfg.distill, timings) if stage == "distill"
-                     else sft_step(engine, batch, timings))
+            parts = step_loss(stage, models, batch, cfg, timings)
             losses.append([float(parts.total), float(parts.kd), float(parts.ce)])
         mean = torch.tensor(losses, dtype=torch.float64).mean(0).tolist() if losses else [0.0, 0.0, 0.0]
         loss, kd, ce = mean_across_ranks(mean, device)
@@ -341,6 +397,141 @@ def export_checkpoint(args: argparse.Namespace, cfg: config_lib.Config) -> None:
     print(f"exported {stage} model to {out}")
 
 
+@dataclass
+class RunData:
+    """The tokenizer, trimmed vocabulary and aligned examples of a run, and the schedule they give."""
+    tokenizer: object
+    teacher_config: object
+    vocab: data.VocabMap
+    builder: data.ExampleBuilder
+    train_examples: list
+    valid_examples: list
+    batches_per_epoch: int
+    total_steps: int
+
+
+def prepare_data(stage: str, cfg: config_lib.Config, run: Path, world: int) -> RunData:
+    """Teacher tokenizer, the student's vocabulary (reused from RUN when resuming), aligned examples."""
+    from transformers import AutoConfig, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(cfg.train.teacher, trust_remote_code=False)
+    teacher_config = AutoConfig.from_pretrained(cfg.train.teacher)
+    try:  # every problem in both splits is listed before step 1, not the first one at hour 30
+        splits = data.load_splits(cfg.data.path, ("train", "valid"), cfg.data.on_bad_line, cfg.data.max_chars)
+    except data.CorpusError as exc:
+        raise SystemExit(f"train_ds.py: {exc}") from None
+    train_pairs, valid_pairs = splits["train"].pairs, splits["valid"].pairs[:cfg.data.valid_subset]
+    if stage == "distill":
+        if (run / data.VocabMap.FILE).is_file():
+            vocab = data.VocabMap.load(run)
+            vocab.check_tokenizer(tokenizer, f"teacher {cfg.train.teacher}")
+        else:
+            texts = [p.zh for p in train_pairs] + [p.en for p in train_pairs]
+            vocab = data.build_vocab_map(tokenizer, texts, cfg.data.vocab_size, teacher_config.vocab_size)
+    else:
+        vocab = data.VocabMap.full(tokenizer, teacher_config.vocab_size)
+    builder = data.ExampleBuilder(tokenizer, vocab, cfg.model.max_source_len, cfg.model.max_target_len)
+    train_examples, dropped = builder.examples(train_pairs, cfg.data.directions)
+    valid_examples, _ = builder.examples(valid_pairs, cfg.data.directions)
+    log.info("data: %d train pairs -> %d examples (%d too long for the model), %d validation examples; "
+             "vocabulary %d of the teacher's %d ids", len(train_pairs), len(train_examples), dropped,
+             len(valid_examples), vocab.size, teacher_config.vocab_size)
+    batches_per_epoch = len(data.make_batches(train_examples, cfg.train.micro_batch_size, cfg.data.tokens_per_batch,
+                                              cfg.train.seed, 0, world)) // world
+    steps_per_epoch = max(1, batches_per_epoch // cfg.train.grad_accum)
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    return RunData(tokenizer, teacher_config, vocab, builder, train_examples, valid_examples, batches_per_epoch,
+                   total_steps)
+
+
+@dataclass
+class Models:
+    """The trained model's engine and, when distilling, the frozen teacher's body engine and output rows."""
+    engine: object
+    teacher: object = None                     # distill: DeepSpeed engine over the teacher's body
+    teacher_rows: torch.Tensor | None = None   # distill: teacher output rows for the student's ids [K, H]
+    hf_ds: object = None                       # keeps transformers' ZeRO-3 view alive (see load_teacher)
+    flops: "StepFlops | None" = None
+
+
+def build_models(stage: str, cfg: config_lib.Config, prepared: RunData, run: Path, world: int, use_bf16: bool,
+                 on_gpu: bool, device) -> Models:
+    import deepspeed
+
+    from model import StudentConfig, StudentForTranslation
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    if stage == "sft":
+        trained_ds = deepspeed_config(cfg.train.ds_config, cfg, world, use_bf16, trained=True)
+        teacher, hf_ds = load_teacher(cfg.train.teacher, trained_ds, dtype)
+        return Models(build_engine(teacher, trained_ds, cfg, prepared.total_steps), hf_ds=hf_ds)
+
+    teacher_ds = deepspeed_config(cfg.train.teacher_ds_config, cfg, world, use_bf16, trained=False)
+    parameters = teacher_parameters(prepared.teacher_config)
+    log.info(place_teacher(teacher_ds, cfg.distill.teacher_placement, parameters, dtype, world,
+                           free_memory_per_rank(on_gpu)))
+    teacher, hf_ds = load_teacher(cfg.train.teacher, teacher_ds, dtype)
+    body, rows = split_teacher_head(teacher, prepared.vocab.teacher_ids, cfg.train.teacher)
+    teacher_engine, *_ = deepspeed.initialize(model=body, config=teacher_ds)
+    teacher_engine.module.eval()
+    torch.manual_seed(cfg.train.seed)  # identical initial student on every rank
+    builder = prepared.builder
+    student_cfg = StudentConfig.from_model_config(cfg.model, prepared.vocab.size, builder.pad_id, builder.bos_id,
+                                                  builder.eos_id)
+    if is_main():
+        student_cfg.save_pretrained(run / "student_config")
+    student = StudentForTranslation(student_cfg)
+    flops = StepFlops.of(prepared.teacher_config, parameters, student, prepared.vocab.size)
+    engine = build_engine(student, deepspeed_config(cfg.train.ds_config, cfg, world, use_bf16, True), cfg,
+                          prepared.total_steps)
+    log.info("student: %s preset, %s decoder, %.2fM parameters; teacher: %s", cfg.model.preset, cfg.model.decoder,
+             flops.student_parameters / 1e6, cfg.train.teacher)
+    return Models(engine, teacher_engine, rows.to(device), hf_ds, flops)
+
+
+def step_loss(stage: str, models: Models, batch: dict, cfg: config_lib.Config, timings: dict) -> LossParts:
+    if stage == "distill":
+        return distill_step(models.engine, models.teacher, models.teacher_rows, batch, cfg.distill, timings)
+    return sft_step(models.engine, batch, timings)
+
+
+# ----------------------------------------------------------------------------- throughput
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+                   "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}  # dense, per GPU
+
+
+@dataclass
+class StepFlops:
+    """Model FLOPs of one distillation micro-batch, from parameter counts (attention's T^2 terms are left
+    out: sequences here are short). Teacher: forward only; student: forward and backward (x3)."""
+    teacher_per_token: float        # 2 x teacher parameters outside its embedding and output layer
+    teacher_head_per_target: float  # 2 x K x teacher width: the kept rows, at target positions
+    student_per_source: float       # 6 x encoder parameters
+    student_per_target: float       # 6 x (decoder parameters + the K x width output layer)
+    student_parameters: int
+
+    @classmethod
+    def of(cls, teacher_config, teacher_parameters: int, student, kept: int) -> "StepFlops":
+        width = teacher_config.hidden_size
+        embeddings = teacher_config.vocab_size * width * (1 if teacher_config.tie_word_embeddings else 2)
+        encoder = sum(p.numel() for name, p in student.named_parameters() if name.startswith("encoder"))
+        decoder = sum(p.numel() for name, p in student.named_parameters() if name.startswith("decoder"))
+        out_layer = student.config.vocab_size * student.config.d_model
+        return cls(2.0 * (teacher_parameters - embeddings), 2.0 * kept * width, 6.0 * encoder,
+                   6.0 * (decoder + out_layer), sum(p.numel() for p in student.parameters()))
+
+    def __call__(self, teacher_tokens: float, source_tokens: float, target_tokens: float) -> float:
+        return (self.teacher_per_token * teacher_tokens + self.teacher_head_per_target * target_tokens
+                + self.student_per_source * source_tokens + self.student_per_target * target_tokens)
+
+
+def peak_flops(on_gpu: bool) -> float | None:
+    """Dense bf16 peak of this GPU, for MFU; None on CPU or an unknown card."""
+    if not on_gpu:
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> None:
@@ -351,9 +542,6 @@ def main(argv: list[str] | None = None) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
     from torch.utils.tensorboard import SummaryWriter
-    from transformers import AutoConfig, AutoTokenizer
-
-    from model import StudentConfig, StudentForTranslation
 
     # ---- set-up: processes, run folder, logging
     deepspeed.init_distributed()
@@ -379,60 +567,21 @@ def main(argv: list[str] | None = None) -> None:
     dist.barrier()
 
     # ---- data: tokenizer of the teacher, the vocabulary, aligned examples
-    tokenizer = AutoTokenizer.from_pretrained(cfg.train.teacher, trust_remote_code=False)
-    teacher_config = AutoConfig.from_pretrained(cfg.train.teacher)
-    train_pairs = data.load_split(cfg.data.path, "train", cfg.data.on_bad_line, cfg.data.max_chars)
-    valid_pairs = data.load_split(cfg.data.path, "valid", cfg.data.on_bad_line, cfg.data.max_chars)
-    valid_pairs = valid_pairs[:cfg.data.valid_subset]
-    if args.stage == "distill":
-        if (run / data.VocabMap.FILE).is_file():
-            vocab = data.VocabMap.load(run)
-            vocab.check_tokenizer(tokenizer, f"teacher {cfg.train.teacher}")
-        else:
-            texts = [p.zh for p in train_pairs] + [p.en for p in train_pairs]
-            vocab = data.build_vocab_map(tokenizer, texts, cfg.data.vocab_size, teacher_config.vocab_size)
-    else:
-        vocab = data.VocabMap.full(tokenizer, teacher_config.vocab_size)
-    builder = data.ExampleBuilder(tokenizer, vocab, cfg.model.max_source_len, cfg.model.max_target_len)
-    train_examples, dropped = builder.examples(train_pairs, cfg.data.directions)
-    valid_examples, _ = builder.examples(valid_pairs, cfg.data.directions)
-    log.info("data: %d train pairs -> %d examples (%d too long for the model), %d validation examples; "
-             "vocabulary %d of the teacher's %d ids", len(train_pairs), len(train_examples), dropped,
-             len(valid_examples), vocab.size, teacher_config.vocab_size)
-    batches_per_epoch = len(data.make_batches(train_examples, cfg.train.micro_batch_size, cfg.data.tokens_per_batch,
-                                              cfg.train.seed, 0, world)) // world
-    steps_per_epoch = max(1, batches_per_epoch // cfg.train.grad_accum)
-    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    prepared = prepare_data(args.stage, cfg, run, world)
+    tokenizer, vocab, builder = prepared.tokenizer, prepared.vocab, prepared.builder
+    train_examples, valid_examples = prepared.train_examples, prepared.valid_examples
+    batches_per_epoch, total_steps = prepared.batches_per_epoch, prepared.total_steps
     if is_main():
         vocab.save(run)
         tokenizer.save_pretrained(run / "tokenizer")
-        teacher_config.save_pretrained(run / "teacher_config")
+        prepared.teacher_config.save_pretrained(run / "teacher_config")
         if Path(cfg.train.teacher, "generation_config.json").is_file():
             shutil.copy(Path(cfg.train.teacher, "generation_config.json"), run / "teacher_config")
 
-    # ---- models: the teacher (frozen and sharded, or trained in sft) and the student
-    dtype = torch.bfloat16 if use_bf16 else torch.float32
-    if args.stage == "distill":
-        teacher_ds = deepspeed_config(cfg.train.teacher_ds_config, cfg, world, use_bf16, trained=False)
-        teacher, hf_ds = load_teacher(cfg.train.teacher, teacher_ds, dtype, False, vocab.teacher_ids)
-        teacher_engine, *_ = deepspeed.initialize(model=teacher, config=teacher_ds)
-        teacher_engine.module.eval()
-        torch.manual_seed(cfg.train.seed)  # identical initial student on every rank
-        student_cfg = StudentConfig.from_model_config(cfg.model, vocab.size, builder.pad_id, builder.bos_id,
-                                                      builder.eos_id)
-        if is_main():
-            student_cfg.save_pretrained(run / "student_config")
-        student = StudentForTranslation(student_cfg)
-        engine = build_engine(student, deepspeed_config(cfg.train.ds_config, cfg, world, use_bf16, True), cfg,
-                              total_steps)
-        log.info("student: %s preset, %s decoder, %.2fM parameters; teacher: %s",
-                 cfg.model.preset, cfg.model.decoder, sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                                                          for p in student.parameters()) / 1e6, cfg.train.teacher)
-    else:
-        trained_ds = deepspeed_config(cfg.train.ds_config, cfg, world, use_bf16, trained=True)
-        teacher, hf_ds = load_teacher(cfg.train.teacher, trained_ds, dtype, True, None)
-        engine = build_engine(teacher, trained_ds, cfg, total_steps)
-        teacher_engine = None
+    # ---- models: the teacher (frozen and placed by memory, or trained in sft) and the student
+    models = build_models(args.stage, cfg, prepared, run, world, use_bf16, on_gpu, device)
+    engine = models.engine
+    peak = peak_flops(on_gpu)
 
     # ---- resume: weights, optimiser, scheduler and the data position
     step, best_bleu, evals_without_gain, history = 0, -1.0, 0, []
@@ -486,47 +635,55 @@ def main(argv: list[str] | None = None) -> None:
         # dropout and any sampling are seeded by (seed, step, rank): a resumed run replays the same noise
         torch.manual_seed(cfg.train.seed + step * world + rank)
         timings = {"teacher": 0.0, "student": 0.0}
-        sums, tokens, padded = [0.0, 0.0, 0.0], 0, 0
+        sums, counts = [0.0, 0.0, 0.0], [0, 0, 0, 0]  # counts: target, source, teacher and padded tokens
         step_start = time.perf_counter()
         for _ in range(micro_per_step):
             epoch, examples = next(stream)
             batch = to_device(data.collate(examples, builder.pad_id, builder.bos_id, vocab.student_of,
                                            tokenizer.pad_token_id), device)
-            parts = (distill_step(engine, teacher_engine, batch, cfg.distill, timings) if args.stage == "distill"
-                     else sft_step(engine, batch, timings))
+            parts = step_loss(args.stage, models, batch, cfg, timings)
             start = time.perf_counter()
             engine.backward(parts.total)
             engine.step()
             timings["student" if args.stage == "distill" else "teacher"] += time.perf_counter() - start
             sums = [s + float(v.detach()) for s, v in zip(sums, (parts.total, parts.kd, parts.ce))]
-            tokens += parts.tokens + int(batch["source_mask"].sum())
-            padded += batch["labels"].numel() + batch["source_ids"].numel()
+            counts = [c + n for c, n in zip(counts, (parts.tokens, int(batch["source_mask"].sum()),
+                                                     int(batch["teacher_attention_mask"].sum()),
+                                                     batch["labels"].numel() + batch["source_ids"].numel()))]
         step += 1
-        total, kd, ce, tokens_all, padded_all = mean_across_ranks(
-            [s / micro_per_step for s in sums] + [tokens, padded], device)
+        total, kd, ce, *counts_all = mean_across_ranks([s / micro_per_step for s in sums] + counts, device)
         finite = math.isfinite(total)
         bad_steps = 0 if finite else bad_steps + 1
         elapsed = time.perf_counter() - step_start
         if writer:
+            target_all, source_all, teacher_all, padded_all = (c * world for c in counts_all)
+            tokens_per_s = (target_all + source_all) / elapsed
+            flops_per_s = models.flops(teacher_all, source_all, target_all) / elapsed if models.flops else 0.0
             record(run, {"step": step, "loss": total, "kd": kd, "ce": ce, "lr": engine.get_lr()[0],
-                         "tokens_per_s": tokens_all * world / elapsed})
+                         "tokens_per_s": tokens_per_s, "tflops": flops_per_s / 1e12})
             grad_norm = engine.get_global_grad_norm()
-            tokens_per_s = tokens_all * world / elapsed
-            for name, value in (("loss/total", total), ("loss/kd", kd), ("loss/ce", ce),
-                                ("lr", engine.get_lr()[0]), ("grad_norm", float(grad_norm or 0.0)),
-                                ("throughput/tokens_per_s", tokens_per_s),
-                                ("data/padding_fraction", 1 - tokens_all / max(padded_all, 1)),
-                                ("time/teacher_ms", timings["teacher"] * 1000),
-                                ("time/student_ms", timings["student"] * 1000),
-                                ("memory/max_allocated_gb", max_memory_gb(accelerator, on_gpu))):
+            scalars = [("loss/total", total), ("loss/kd", kd), ("loss/ce", ce), ("lr", engine.get_lr()[0]),
+                       ("grad_norm", float(grad_norm or 0.0)), ("throughput/tokens_per_s", tokens_per_s),
+                       ("throughput/teacher_tokens_per_s", teacher_all / elapsed),
+                       ("data/padding_fraction", 1 - (target_all + source_all) / max(padded_all, 1)),
+                       ("time/teacher_ms", timings["teacher"] * 1000),
+                       ("time/student_ms", timings["student"] * 1000),
+                       ("memory/max_allocated_gb", max_memory_gb(accelerator, on_gpu))]
+            if models.flops:
+                scalars.append(("throughput/tflops_per_gpu", flops_per_s / world / 1e12))
+                if peak:
+                    scalars.append(("throughput/mfu", flops_per_s / world / peak))
+            for name, value in scalars:
                 writer.add_scalar(name, value, step)
             progress.update(1)
             progress.set_postfix(loss=f"{total:.3f}", kd=f"{kd:.3f}", ce=f"{ce:.3f}")
             if step % cfg.train.log_every == 0 or step == 1:
                 eta = (time.perf_counter() - started) / (step - first_step) * (total_steps - step)
-                log.info("step %d/%d | epoch %d | loss %.4f kd %.4f ce %.4f | lr %.2e | %.0f tok/s | "
+                log.info("step %d/%d | epoch %d | loss %.4f kd %.4f ce %.4f | lr %.2e | %.0f tok/s %s| "
                          "teacher %.0f ms student %.0f ms | eta %.0f s", step, total_steps, epoch, total, kd, ce,
-                         engine.get_lr()[0], tokens_per_s, timings["teacher"] * 1000, timings["student"] * 1000, eta)
+                         engine.get_lr()[0], tokens_per_s,
+                         f"MFU {flops_per_s / world / peak:.1%} " if peak and models.flops else "",
+                         timings["teacher"] * 1000, timings["student"] * 1000, eta)
         if bad_steps >= cfg.train.max_bad_steps:
             raise SystemExit(f"train_ds.py: {bad_steps} non-finite losses in a row ending at step {step}; "
                              f"the last checkpoint in {ckpt_dir} is untouched. Lower --lr or check the data.")
@@ -536,7 +693,7 @@ def main(argv: list[str] | None = None) -> None:
             stop_requested["signal"] = stop_requested["signal"] or f"--halt_at {args.halt_at}"
         stopping = any_rank(stop_requested["signal"] is not None, device)
         if step % cfg.train.eval_every == 0 or last_step:
-            result = evaluate(args.stage, engine, teacher_engine, builder, valid_examples, cfg, device)
+            result = evaluate(args.stage, models, builder, valid_examples, cfg, device)
             history.append({"step": step, **{k: result[k] for k in ("loss", "kd", "ce", "bleu", "chrf")},
                             "directions": result["directions"]})
             improved = result["bleu"] > best_bleu

@@ -1,73 +1,146 @@
+"""kd_loss.py: every divergence against a plain float64 reference, and the fused, chunked loss against the
+plain loss in value and gradients (float32 and bf16), on CPU."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_loss import IGNORE_INDEX, distill_loss
+from config import DistillConfig
+from kd_loss import IGNORE_INDEX, KINDS, chunk_size, fused_distill_loss, plain_distill_loss
+
+VOCAB, STUDENT_WIDTH, TEACHER_WIDTH = 50, 16, 24
 
 
-def reference(student, teacher, labels, kind, alpha, temperature, beta):
-    """Plain, unchunked: per-token divergence with torch's own kl_div, averaged over target tokens."""
+def reference_divergence(s: torch.Tensor, t: torch.Tensor, cfg: DistillConfig) -> torch.Tensor:
+    """Per-token divergence written from the definitions with probabilities (not log-space tricks)."""
+    p, q = t.exp(), s.exp()
+
+    def kl(a, b):
+        return (a * (a.log() - b.log())).sum(-1)
+
+    if cfg.kd_loss == "forward_kl":
+        return kl(p, q)
+    if cfg.kd_loss == "reverse_kl":
+        return kl(q, p)
+    if cfg.kd_loss == "jsd":
+        m = cfg.beta * p + (1 - cfg.beta) * q
+        return cfg.beta * kl(p, m) + (1 - cfg.beta) * kl(q, m)
+    if cfg.kd_loss == "skew_forward_kl":
+        return kl(p, cfg.skew * p + (1 - cfg.skew) * q)
+    if cfg.kd_loss == "skew_reverse_kl":
+        return kl(q, cfg.skew * q + (1 - cfg.skew) * p)
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def reference_loss(student_logits, teacher_logits, labels, cfg: DistillConfig) -> torch.Tensor:
     keep = labels != IGNORE_INDEX
-    s = F.log_softmax(student[keep].double() / temperature, -1)
-    t = F.log_softmax(teacher[keep].double() / temperature, -1)
-    if kind == "forward_kl":
-        kd = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
-    elif kind == "reverse_kl":
-        kd = F.kl_div(t, s, log_target=True, reduction="none").sum(-1)
-    else:
-        m = (beta * s.exp() + (1 - beta) * t.exp()).log()
-        kd = beta * F.kl_div(m, t, log_target=True, reduction="none").sum(-1) + \
-            (1 - beta) * F.kl_div(m, s, log_target=True, reduction="none").sum(-1)
-    ce = F.cross_entropy(student[keep].double(), labels[keep])
-    return alpha * temperature ** 2 * kd.mean() + (1 - alpha) * ce
+    s = F.log_softmax(student_logits[keep].double() / cfg.temperature, -1)
+    t = F.log_softmax(teacher_logits[keep].double() / cfg.temperature, -1)
+    ce = F.cross_entropy(student_logits[keep].double(), labels[keep])
+    return cfg.alpha * cfg.temperature ** 2 * reference_divergence(s, t, cfg).mean() + (1 - cfg.alpha) * ce
 
 
-def inputs():
-    torch.manual_seed(0)
-    student = torch.randn(3, 7, 50, requires_grad=True)
-    teacher = torch.randn(3, 7, 50) * 2
-    labels = torch.randint(0, 50, (3, 7))
+def make_inputs(dtype=torch.float32):
+    """Hidden states and output weights of both models, with some ignored positions."""
+    gen = torch.Generator().manual_seed(0)
+    s_hidden = torch.randn(3, 7, STUDENT_WIDTH, generator=gen).to(dtype).requires_grad_()
+    s_weight = (torch.randn(VOCAB, STUDENT_WIDTH, generator=gen) * 0.5).to(dtype).requires_grad_()
+    t_hidden = torch.randn(3, 7, TEACHER_WIDTH, generator=gen).to(dtype)
+    t_weight = (torch.randn(VOCAB, TEACHER_WIDTH, generator=gen) * 0.5).to(dtype)
+    labels = torch.randint(0, VOCAB, (3, 7), generator=gen)
     labels[0, 4:] = IGNORE_INDEX
     labels[2, 1:] = IGNORE_INDEX
-    return student, teacher, labels
+    return s_hidden, s_weight, t_hidden, t_weight, labels
 
 
-@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
-@pytest.mark.parametrize("chunk", [1, 4, 4096])
-def test_matches_plain_reference_in_value_and_gradient(kind, chunk):
-    student, teacher, labels = inputs()
-    parts = distill_loss(student, teacher, labels, kind, alpha=0.7, temperature=2.0, beta=0.3, chunk_tokens=chunk)
-    expected = reference(student, teacher, labels, kind, 0.7, 2.0, 0.3)
+def config(kind: str, chunk: int = 0) -> DistillConfig:
+    return DistillConfig(kd_loss=kind, alpha=0.7, temperature=2.0, beta=0.3, skew=0.2, chunk_tokens=chunk)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("chunk", [1, 4, 0])
+def test_fused_loss_matches_the_reference_in_value_and_gradients(kind, chunk):
+    s_hidden, s_weight, t_hidden, t_weight, labels = make_inputs()
+    cfg = config(kind, chunk)
+    parts = fused_distill_loss(s_hidden, s_weight, t_hidden, t_weight, labels, cfg)
+    expected = reference_loss(s_hidden @ s_weight.T, t_hidden @ t_weight.T, labels, cfg)
     assert abs(parts.total.item() - expected.item()) < 1e-5
     assert parts.tokens == int((labels != IGNORE_INDEX).sum())
-    (grad,) = torch.autograd.grad(parts.total, student)
-    (expected_grad,) = torch.autograd.grad(expected, student)
-    torch.testing.assert_close(grad, expected_grad.float(), atol=1e-5, rtol=1e-4)
+    grads = torch.autograd.grad(parts.total, (s_hidden, s_weight))
+    expected_grads = torch.autograd.grad(expected, (s_hidden, s_weight))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-4)
 
 
-def test_jsd_limits_are_the_kls():
-    student, teacher, labels = inputs()
-    fkl = distill_loss(student, teacher, labels, "forward_kl", 1.0, 1.0).kd
-    rkl = distill_loss(student, teacher, labels, "reverse_kl", 1.0, 1.0).kd
-    assert distill_loss(student, teacher, labels, "jsd", 1.0, 1.0, beta=0.0).kd == fkl
-    assert distill_loss(student, teacher, labels, "jsd", 1.0, 1.0, beta=1.0).kd == rkl
+# tvd is left out: its gradient is sign(p - q), which flips where bf16 rounding moves p past q
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl"])
+def test_fused_loss_in_bf16_is_within_one_percent(kind):
+    cfg = config(kind, chunk=5)
+    bf16 = make_inputs(torch.bfloat16)
+    parts = fused_distill_loss(*bf16, cfg)
+    grads = torch.autograd.grad(parts.total, bf16[:2])
+    fp32 = [t.detach().float().requires_grad_(t.requires_grad) for t in bf16[:4]] + [bf16[4]]
+    expected = reference_loss(fp32[0] @ fp32[1].T, fp32[2] @ fp32[3].T, fp32[4], cfg)
+    expected_grads = torch.autograd.grad(expected, fp32[:2])
+    assert abs(parts.total.item() - expected.item()) <= 1e-2 * abs(expected.item())
+    for got, want in zip(grads, expected_grads):
+        assert got.dtype == torch.bfloat16
+        assert (got.float() - want).norm() <= 1e-2 * want.norm()
 
 
-def test_identical_distributions_give_zero_kd():
-    student, _, labels = inputs()
-    parts = distill_loss(student, student.detach().clone(), labels, "forward_kl", 0.5, 2.0)
+def test_plain_loss_equals_fused_loss():
+    s_hidden, s_weight, t_hidden, t_weight, labels = make_inputs()
+    cfg = config("skew_reverse_kl", chunk=3)
+    fused = fused_distill_loss(s_hidden, s_weight, t_hidden, t_weight, labels, cfg)
+    plain = plain_distill_loss(s_hidden @ s_weight.T, t_hidden @ t_weight.T, labels, cfg)
+    for a, b in ((fused.total, plain.total), (fused.kd, plain.kd), (fused.ce, plain.ce)):
+        assert abs(a.item() - b.item()) < 1e-5
+
+
+def test_limits_of_the_mixed_divergences_are_the_kls():
+    inputs = make_inputs()
+    kd = {kind: fused_distill_loss(*inputs, config(kind)).kd for kind in ("forward_kl", "reverse_kl")}
+    for kind, field, value, expected in (("jsd", "beta", 0.0, "forward_kl"), ("jsd", "beta", 1.0, "reverse_kl"),
+                                         ("skew_forward_kl", "skew", 0.0, "forward_kl"),
+                                         ("skew_reverse_kl", "skew", 0.0, "reverse_kl")):
+        cfg = dataclasses.replace(config(kind), **{field: value})
+        assert fused_distill_loss(*inputs, cfg).kd == kd[expected], (kind, field, value)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_identical_distributions_give_zero_divergence(kind):
+    s_hidden, s_weight, _, _, labels = make_inputs()
+    parts = fused_distill_loss(s_hidden, s_weight, s_hidden.detach(), s_weight.detach(), labels, config(kind))
     assert abs(parts.kd.item()) < 1e-6
 
 
 def test_no_target_tokens_is_a_zero_loss_with_a_gradient_path():
-    student, teacher, labels = inputs()
-    parts = distill_loss(student, teacher, torch.full_like(labels, IGNORE_INDEX), "forward_kl", 0.5, 2.0)
+    s_hidden, s_weight, t_hidden, t_weight, labels = make_inputs()
+    parts = fused_distill_loss(s_hidden, s_weight, t_hidden, t_weight, torch.full_like(labels, IGNORE_INDEX),
+                               config("forward_kl"))
     assert parts.total.item() == 0.0 and parts.tokens == 0
     parts.total.backward()
-    assert student.grad is not None and not student.grad.any()
+    assert s_hidden.grad is not None and not s_hidden.grad.any()
+    assert s_weight.grad is not None and not s_weight.grad.any()
+
+
+def test_evaluation_under_no_grad_gives_the_same_value():
+    inputs = make_inputs()
+    trained = fused_distill_loss(*inputs, config("jsd", chunk=2))
+    with torch.no_grad():
+        evaluated = fused_distill_loss(*inputs, config("jsd", chunk=2))
+    assert evaluated.total.item() == pytest.approx(trained.total.item(), abs=1e-7)
+    assert not evaluated.total.requires_grad
 
 
 def test_mismatched_vocabularies_are_refused():
-    student, teacher, labels = inputs()
+    s_hidden, s_weight, t_hidden, t_weight, labels = make_inputs()
     with pytest.raises(ValueError, match="student's vocabulary"):
-        distill_loss(student, teacher[..., :40], labels, "forward_kl", 0.5, 2.0)
+        fused_distill_loss(s_hidden, s_weight, t_hidden, t_weight[:40], labels, config("forward_kl"))
+
+
+def test_auto_chunk_size_shrinks_with_the_vocabulary():
+    cfg = config("forward_kl")
+    assert chunk_size(cfg, 8000) > chunk_size(cfg, 151936) >= 1
+    assert chunk_size(dataclasses.replace(cfg, chunk_tokens=64), 151936) == 64
