@@ -6,7 +6,9 @@ through the RKNN C API. Checks:
   - the C tokenizer gives exactly the Hugging Face ids (mapped to student ids) on every text of the gettext corpus
     (English and Chinese sides of /usr/share/locale/zh_CN catalogs), full and trimmed vocabularies, and decodes back;
     the same on a subset under qemu; on a sample of every Unicode code point; on Qwen's real tokenizer;
-  - truncated and corrupted tokenizer.bin / embed.bin / recordings make the ASan build fail cleanly, never crash;
+  - truncated and corrupted tokenizer.bin / embed.bin / recordings (truncations at a stride, every header field set to
+    0, 1, huge, negative and off by one, random byte flips) make the ASan build fail cleanly, never crash; so do bad
+    tensor attributes reported by the fake RKNN runtime (FAKE_RKNN_CORRUPT), each named in the error;
   - the greedy loop (recurrent and transformer decoders) gives the tokens of a Python greedy loop over the same
     recorded logits, through the replay backend and through the rknn backend on the fake runtime, host and qemu.
 Needs gcc, cmake (host) and gcc-aarch64-linux-gnu, qemu-user (the aarch64 tests skip without them).
@@ -58,10 +60,10 @@ class Build:
     def cmd(self, program: str, *args: str | Path) -> list[str]:
         return [*self.runner, str(self.dir / program), *map(str, args)]
 
-    def run(self, program: str, *args: str | Path, stdin: bytes = b"", timeout: float = 120
-            ) -> subprocess.CompletedProcess:
+    def run(self, program: str, *args: str | Path, stdin: bytes = b"", timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(self.cmd(program, *args), input=stdin, capture_output=True, timeout=timeout,
-                              env={**os.environ, **SANITIZER_ENV})
+                              env={**os.environ, **SANITIZER_ENV, **(env or {})})
 
 
 def cmake_build(out: Path, *options: str) -> None:
@@ -100,11 +102,12 @@ def build(request: pytest.FixtureRequest) -> Build:
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess, what: str) -> None:
-    """A non-zero exit with the runner's one-line error, and no crash or sanitizer report."""
+    """A non-zero exit with the runner's one-line error (and nothing else on stderr), no crash or sanitizer report."""
     err = result.stderr.decode(errors="replace")
     assert result.returncode > 0, f"{what}: exit {result.returncode}\n{err[-2000:]}"
     assert result.returncode not in (98, 99) and not any(m in err for m in SANITIZER_MARKERS), f"{what}:\n{err}"
-    assert "rk_translate: " in err, f"{what}: no error message\n{err[-2000:]}"
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rk_translate: "), f"{what}: not one error line\n{err[-2000:]}"
 
 
 # --------------------------------------------------------------------------- corpus and tokenizers
@@ -446,11 +449,12 @@ def make_scenario(tok: Tok, shapes: Shapes, folder: Path, seed: int, eos_at: int
 
 
 def run_translate(build: Build, tok: Tok, sc: Scenario, backend: str = "replay",
-                  models: tuple[Path, Path] | None = None, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+                  models: tuple[Path, Path] | None = None, extra: tuple[str, ...] = (),
+                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     encoder, decoder = models or (sc.recording, Path("-"))
     max_tokens = ("--max_tokens", str(sc.shapes.Tc)) if sc.shapes.kind == 1 else ()
     return build.run("rk_translate", "--backend", backend, "--direction", sc.direction, *max_tokens, *extra,
-                     encoder, decoder, tok.bin, sc.embed, sc.text)
+                     encoder, decoder, tok.bin, sc.embed, sc.text, env=env)
 
 
 def output_ids(result: subprocess.CompletedProcess) -> list[int]:
@@ -508,6 +512,115 @@ def test_rknn_backend_errors(host: Build, trimmed_tok: Tok, tmp_path: Path) -> N
     assert "rknn_init: RKNN_ERR_PARAM_INVALID" in result.stderr.decode()
 
 
+def _quantized(tensor: str, qnt_type: int, **fields: str) -> str:
+    """FAKE_RKNN_CORRUPT fields making a decoder tensor report an int8 (type 2) quantized attribute."""
+    return ",".join(f"dec.{tensor}.{k}={v}" for k, v in {"type": 2, "qnt_type": qnt_type, **fields}.items())
+
+
+# L and Tc whose cache [L, H=2, Tc, hd=4] has L*Tc*8 = 2^64 + 64 elements: 64 once a 64-bit product wraps.
+WRAP_L, WRAP_TC = 4294705160, 536903681
+WRAPPED_CACHE = ",".join([f"dec.{t}.{k}={v}" for t in ("cache_k", "cache_v", "new_cache_k", "new_cache_v")
+                          for k, v in (("dims0", WRAP_L), ("dims2", WRAP_TC), ("n_elems", 64), ("size", 256))]
+                         + [f"dec.cache_mask_bias.dims1={WRAP_TC}", f"dec.cache_mask_bias.n_elems={WRAP_TC}"])
+
+# FAKE_RKNN_CORRUPT (test/fake_rknnrt.c) -> what the runner's one-line error must say: the tensor and the attribute.
+# Transformer decoder: S = 24, D = 8, L = 2, H = 2, Tc = 10 (hd = 4); NCHW float32 unless corrupted.
+RKNN_CORRUPTIONS = {
+    "enc.io.n_input=0": ("n_input 0",),
+    "dec.io.n_input=4294967295": ("n_input 4294967295",),
+    "enc.io.n_output=9": ("n_output 9",),
+    "dec.io.n_output=0": ("n_output 0",),
+    "dec.io.n_input=4": ("4 inputs and 3 outputs",),
+    "dec.io.n_input=7": ("rknn_query(INPUT_ATTR): RKNN_ERR_PARAM_INVALID",),  # the model has no input 6
+    "dec.cache_v.index=0": ("'cache_v'", "index is 0"),
+    "enc.enc_out.index=4294967295": ("'enc_out'", "index is 4294967295"),
+    "dec.logits.n_dims=17": ("'logits'", "n_dims is 17"),
+    "enc.src_embeds.n_dims=4294967295": ("'src_embeds'", "n_dims is 4294967295"),
+    "enc.src_embeds.n_dims=2": ("'src_embeds'", "n_dims 2"),
+    "enc.src_embeds.n_dims=0": ("'src_embeds'", "n_dims 0"),
+    "enc.src_embeds.dims0=2": ("'src_embeds'", "dims [2, 24, 8]"),
+    "enc.src_embeds.dims1=0": ("'src_embeds'", "dims [1, 0, 8]"),
+    "enc.src_embeds.dims1=0xFFFFFFFF": ("'src_embeds'", "n_elems"),
+    "enc.src_embeds.dims2=0x40000000": ("'cache_k'", "D = 1073741824"),
+    "enc.src_mask_bias.dims1=25": ("'src_mask_bias'", "dims [1, 25]"),
+    "dec.enc_out.dims1=23": ("'enc_out'", "dims [1, 23, 8]"),
+    "dec.logits.dims1=0": ("'logits'", "dims [1, 0]"),
+    "dec.logits.dims1=0xFFFFFFFF": ("'logits'", "n_elems"),
+    "dec.logits.dims0=2": ("'logits'", "expected [1, "),
+    "dec.cache_k.dims0=0": ("'cache_k'", "dims [0, 2, 10, 4]"),
+    "dec.cache_k.dims1=0": ("'cache_k'", "dims [2, 0, 10, 4]"),
+    "dec.cache_k.dims2=0": ("'cache_k'", "dims [2, 2, 0, 4]"),
+    "dec.cache_k.dims3=3": ("'cache_k'", "H * hd"),
+    "dec.cache_k.dims1=0xFFFFFFFF": ("'cache_k'", "H * hd"),
+    "dec.cache_k.dims2=11": ("'cache_k'", "n_elems is 160"),
+    "dec.cache_v.dims2=11": ("'cache_v'", "dims [2, 2, 11, 4]"),
+    "dec.new_cache_v.dims3=3": ("'new_cache_v'", "dims [2, 2, 10, 3]"),
+    WRAPPED_CACHE: ("'cache_k'", "n_elems is 64"),
+    "dec.tok_embeds.n_elems=0": ("'tok_embeds'", "n_elems is 0"),
+    "dec.tok_embeds.n_elems=0xFFFFFFFF": ("'tok_embeds'", "n_elems is 4294967295"),
+    "dec.enc_out.size=0": ("'enc_out'", "size is 0"),
+    "dec.logits.size=1": ("'logits'", "size is 1"),
+    "dec.cache_mask_bias.fmt=2": ("'cache_mask_bias'", "fmt 2 (NC1HWC2)"),
+    "dec.cache_k.fmt=99": ("'cache_k'", "fmt 99"),
+    "dec.new_cache_k.fmt=1": ("'new_cache_k'", "(fmt NHWC), expected [2, 10, 4, 2]"),
+    "dec.logits.type=6": ("'logits'", "type 6"),
+    "dec.logits.type=-1": ("'logits'", "type -1"),
+    _quantized("tok_embeds", 0): ("'tok_embeds'", "qnt_type 0"),
+    _quantized("tok_embeds", 7): ("'tok_embeds'", "qnt_type 7"),
+    _quantized("tok_embeds", 2, scale="0"): ("'tok_embeds'", "scale 0"),
+    _quantized("tok_embeds", 2, scale="nan"): ("'tok_embeds'", "scale nan"),
+    _quantized("tok_embeds", 2, scale="-inf"): ("'tok_embeds'", "scale -inf"),
+    _quantized("logits", 2, scale="-0.5"): ("'logits'", "scale -0.5"),
+    _quantized("logits", 2, scale="0.1", zp="128"): ("'logits'", "zp 128"),
+    _quantized("logits", 2, scale="0.1", zp="-2147483648"): ("'logits'", "zp -2147483648"),
+    _quantized("logits", 2, scale="0.1", zp="-1", type="3"): ("'logits'", "zp -1"),
+    _quantized("logits", 2, scale="0.1", zp="40000", type="4"): ("'logits'", "zp 40000"),
+    "dec.cache_v.name=cache_k": ("no input named 'cache_v'",),
+    "dec.logits.out_size=4": ("'logits'", "gave 4 bytes"),
+    "dec.new_cache_k.out_size=0xFFFFFFFF": ("'new_cache_k'", "gave 4294967295 bytes"),
+    "dec.new_cache_v.out_buf=0": ("'new_cache_v'", "no buffer"),
+    "enc.enc_out.out_buf=0": ("'enc_out'", "no buffer"),
+}
+RKNN_CORRUPTIONS_RECURRENT = {
+    "dec.state.dims1=2": ("'state'", "dims [2, 2, 8]"),
+    "dec.state.dims0=0": ("'state'", "dims [0, 1, 8]"),
+    "dec.new_state.dims2=9": ("'new_state'", "dims [2, 1, 9]"),
+    "dec.new_state.n_elems=15": ("'new_state'", "n_elems is 15"),
+}
+# Attributes the runner must accept: quantized tensors with valid parameters (the runtime converts float32).
+RKNN_VALID_QUANTIZED = ",".join([_quantized("tok_embeds", 2, scale="0.05", zp="-3"),
+                                 _quantized("logits", 1, fl="5", type="3"),
+                                 "enc.src_embeds.type=4,enc.src_embeds.qnt_type=2,enc.src_embeds.scale=1e-3"])
+
+
+def test_rknn_backend_rejects_bad_attributes(host: Build, trimmed_tok: Tok, tmp_path: Path) -> None:
+    """Every value rknn_query reports is checked before it sizes a buffer or indexes: the fake runtime reports one
+    bad value at a time (FAKE_RKNN_CORRUPT) and the ASan build must exit with an error naming the tensor and the
+    attribute, never crash. Valid quantization parameters are accepted."""
+    runs = []
+    for shapes, table in ((TRANSFORMER, RKNN_CORRUPTIONS), (RECURRENT, RKNN_CORRUPTIONS_RECURRENT)):
+        folder = tmp_path / str(shapes.kind)
+        sc = make_scenario(trimmed_tok, shapes, folder, 10, 4)
+        models = (write_fake_model(folder / "enc.rknn", 0, 0, sc.recording),
+                  write_fake_model(folder / "dec.rknn", 1, 0, sc.recording))
+        runs += [(sc, models, spec, words) for spec, words in table.items()]
+        runs.append((sc, models, RKNN_VALID_QUANTIZED, None))
+
+    def run(item):
+        sc, models, spec, _ = item
+        return run_translate(host, trimmed_tok, sc, "rknn", models, env={"FAKE_RKNN_CORRUPT": spec})
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        results = list(pool.map(run, runs))
+    for (sc, _, spec, words), result in zip(runs, results):
+        if words is None:
+            assert_translation(result, sc)
+            continue
+        assert_clean_failure(result, spec)
+        err = result.stderr.decode()
+        assert all(w in err for w in words), f"{spec}: expected {words} in\n{err}"
+
+
 def test_cmake_without_sdk_and_with_an_sdk_layout(trimmed_tok: Tok, tmp_path: Path) -> None:
     """The two configurations a user builds. No SDK: replay only, and the rknn backend still compiles against
     rknn_api_min.h. -DRKNN_SDK: rknn_api.h and librknnrt.so found in the SDK's include/ and lib/ folders; here a
@@ -553,60 +666,139 @@ def test_runner_usage_errors(host: Build, trimmed_tok: Tok, tmp_path: Path) -> N
 
 # --------------------------------------------------------------------------- fuzzing
 
-def fix_crc(blob: bytearray) -> bytearray:
-    blob[12:16] = struct.pack("<I", zlib.crc32(bytes(blob[16:])))
-    return blob
+FIELD_VALUES = (0, 1, 0x10000000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFE, 0xFFFFFFFF)  # 0, 1, huge, negative as u32
+TOKENIZER_FIELDS = ["version", "crc", "flags", "pattern", "T", "V", "M", "A", "pad", "bos", "eos", "n_sections"] + [
+    f"{name} {part}" for name in ("BYTE_TOKENS", "MERGES", "STUDENT_TEACHER", "TEACHER_STUDENT", "TOKEN_OFFSETS",
+                                  "TOKEN_BYTES", "VOCAB_INDEX", "ADDED", "CATEGORIES", "CCC", "DECOMP", "DECOMP_POOL",
+                                  "COMPOSE") for part in ("offset", "size")]
+EMBED_FIELDS = ["vocab", "dim", "n_directions", "max_positions"]
+RECORDING_FIELDS = ["kind", "S", "D", "V", "L", "H", "Tc", "n_steps"]
 
 
-def variants(blob: bytes, rng: random.Random, n_truncated: int, n_corrupted: int, crc: bool) -> list[bytes]:
-    """Truncations (cut points spread over the file, the header densely) and random byte/word corruptions."""
-    cuts = set(range(0, min(len(blob), 200), 7)) | {rng.randrange(len(blob)) for _ in range(n_truncated)}
-    out = [blob[:c] for c in sorted(cuts)] + [blob + b"\0"]
-    for i in range(n_corrupted):
+@dataclass(frozen=True)
+class FuzzCase:
+    file: str        # the damaged input: tokenizer, embed or recording
+    what: str        # the damage, for failure messages
+    blob: bytes
+    must_fail: bool  # False where the damage may hit plain data (floats, token bytes, tables) that still translates
+
+
+def fix_crc(blob: bytes) -> bytes:
+    """tokenizer.bin with its checksum recomputed, so the damage reaches the checks behind it."""
+    return blob[:12] + struct.pack("<I", zlib.crc32(blob[16:])) + blob[16:] if len(blob) >= 16 else blob
+
+
+def put_u32(blob: bytes, offset: int, value: int) -> bytes:
+    return blob[:offset] + struct.pack("<I", value) + blob[offset + 4:]
+
+
+def field_values(original: int) -> list[int]:
+    """FIELD_VALUES and the original off by one, without the original itself (that would be no damage)."""
+    return sorted({*FIELD_VALUES, (original + 1) & 0xFFFFFFFF, (original - 1) & 0xFFFFFFFF} - {original})
+
+
+def structural_cases(file: str, blob: bytes, header: int, fields: list[str], boundaries: list[int],
+                     checksum: bool, lenient_fields: tuple[str, ...] = ()) -> list[FuzzCase]:
+    """Cases that damage a file's structure, all of which must be rejected: every truncation at a stride of 1/48 of
+    the file, at each 4 bytes of the header and at each side of every boundary; one and four extra bytes; each
+    magic byte; each u32 header field (after the 8-byte magic) set to each of field_values. With a checksum, the
+    cuts go in twice (raw and with the checksum recomputed) and the field damage gets its checksum recomputed."""
+    fix = fix_crc if checksum else (lambda b: b)
+    cuts = set(range(0, len(blob), max(1, len(blob) // 48))) | set(range(0, header + 4, 4))
+    cuts |= {b + d for b in boundaries for d in (-1, 0, 1)}
+    cases = []
+    for cut in sorted(c for c in cuts if 0 <= c < len(blob)):
+        cases.append(FuzzCase(file, f"cut to {cut} bytes", blob[:cut], True))
+        if checksum and cut >= 16:
+            cases.append(FuzzCase(file, f"cut to {cut} bytes, checksum fixed", fix(blob[:cut]), True))
+    for extra in (b"\0", b"\1\2\3\4"):
+        cases.append(FuzzCase(file, f"{len(extra)} bytes appended", fix(blob + extra), True))
+    for i in range(8):
+        cases.append(FuzzCase(file, f"magic byte {i}", blob[:i] + bytes([blob[i] ^ 0xFF]) + blob[i + 1:], True))
+    for i, field in enumerate(fields):
+        offset = 8 + 4 * i
+        for value in field_values(struct.unpack_from("<I", blob, offset)[0]):
+            damaged = put_u32(blob, offset, value)
+            cases.append(FuzzCase(file, f"{field} = {value:#x}", damaged if field == "crc" else fix(damaged),
+                                  field not in lenient_fields))
+    return cases
+
+
+def random_cases(file: str, blob: bytes, rng: random.Random, count: int, checksum: bool) -> list[FuzzCase]:
+    """Random byte flips (1, 2 or 8 bytes xor-ed with a random non-zero byte), half of them in the first 512 bytes
+    where the header and the first tables lie. tokenizer.bin: raw (the checksum must catch every one) and with the
+    checksum recomputed (may land in plain data); other files: may land in plain data."""
+    cases = []
+    for i in range(count):
         damaged = bytearray(blob)
-        for _ in range(rng.choice((1, 1, 2, 8))):
-            pos = rng.randrange(len(damaged) if i % 2 else min(len(damaged), 512))  # half hit the header/tables
-            if rng.random() < 0.5:
-                damaged[pos] = rng.randrange(256)
-            else:
-                damaged[pos:pos + 4] = struct.pack("<I", rng.choice((0, 1, 0xFFFFFFFF, 0x7FFFFFFF, rng.randrange(
-                    1 << 32), len(blob), len(blob) // 4)))[:len(damaged[pos:pos + 4])]
-        out.append(bytes(fix_crc(damaged) if crc and i % 3 else damaged))  # most pass the checksum, to reach the checks
-    return out
+        for _ in range(rng.choice((1, 2, 8))):
+            damaged[rng.randrange(len(blob) if i % 2 else min(len(blob), 512))] ^= rng.randrange(1, 256)
+        cases.append(FuzzCase(file, f"random flips #{i}", bytes(damaged), checksum))
+        if checksum:
+            cases.append(FuzzCase(file, f"random flips #{i}, checksum fixed", fix_crc(bytes(damaged)), False))
+    return cases
+
+
+def tokenizer_section_cases(blob: bytes) -> list[FuzzCase]:
+    """The first, middle and last u32 of every section set to 0, 1, -2^31 and -1 (checksum fixed): ids, counts,
+    offsets and code points out of range, out of order or (in TOKEN_BYTES) just other bytes."""
+    cases = []
+    for k, name in enumerate(TOKENIZER_FIELDS[12::2]):
+        offset, size = struct.unpack_from("<2I", blob, 56 + 8 * k)
+        for pos in sorted({offset, offset + size // 8 * 4, offset + size - 4}) if size >= 4 else ():
+            for value in (0, 1, 0x80000000, 0xFFFFFFFF):
+                cases.append(FuzzCase("tokenizer", f"{name[:-7]} word at {pos} = {value:#x}",
+                                      fix_crc(put_u32(blob, pos, value)), False))
+    return cases
+
+
+def fuzz_cases(tokenizer: bytes, embed: bytes, recording: bytes) -> list[FuzzCase]:
+    rng = random.Random(1234)
+    sections = [struct.unpack_from("<2I", tokenizer, 56 + 8 * k) for k in range(13)]
+    vocab, dim, n_dir, _ = struct.unpack_from("<4I", embed, 8)
+    tables = [24, 24 + 4 * vocab * dim, 24 + 4 * (vocab + n_dir) * dim]
+    overflow = b"RKEMB1\0\0" + struct.pack("<4I", 2**31 - 2, 2**31, 1, 1)  # 24 + 4 * 2^31 * 2^31 wraps to 24
+    return (structural_cases("tokenizer", tokenizer, 56 + 8 * 13, TOKENIZER_FIELDS,
+                             [o for o, _ in sections] + [len(tokenizer)], checksum=True)
+            + tokenizer_section_cases(tokenizer) + random_cases("tokenizer", tokenizer, rng, 60, checksum=True)
+            + structural_cases("embed", embed, 24, EMBED_FIELDS, tables, checksum=False)
+            + [FuzzCase("embed", "header whose table size wraps 64 bits to the file's", overflow, True)]
+            + random_cases("embed", embed, rng, 40, checksum=False)
+            # H only splits D into heads, which replaying never needs: a recording with another H still replays.
+            + structural_cases("recording", recording, 40, RECORDING_FIELDS, [40], checksum=False,
+                               lenient_fields=("H",))
+            + random_cases("recording", recording, rng, 40, checksum=False))
 
 
 def test_fuzz_inputs_fail_cleanly(host: Build, trimmed_tok: Tok, tmp_path: Path) -> None:
-    """Truncated or corrupted tokenizer.bin, embed.bin, recordings and fake models: never a crash or sanitizer
-    report; a clean error, or (a corruption in plain data such as float values) a normal translation."""
-    rng = random.Random(1234)
+    """Truncated and corrupted tokenizer.bin, embed.bin and recordings, systematically (fuzz_cases): the ASan build
+    never crashes or reports; structural damage exits non-zero with a one-line error; damage that may land in plain
+    data fails the same clean way or translates."""
     sc = make_scenario(trimmed_tok, TRANSFORMER, tmp_path / "base", 8, 5)
-    files = {"tokenizer": trimmed_tok.bin.read_bytes(), "embed": sc.embed.read_bytes(),
-             "recording": sc.recording.read_bytes()}
-    cases: list[tuple[str, int, bytes]] = []
-    for name, blob in files.items():
-        count = 150 if name == "tokenizer" else 80
-        cases += [(name, i, v) for i, v in enumerate(variants(blob, rng, 25, count, crc=name == "tokenizer"))]
+    cases = fuzz_cases(trimmed_tok.bin.read_bytes(), sc.embed.read_bytes(), sc.recording.read_bytes())
+    assert len(cases) > 600
 
-    def run(case: tuple[str, int, bytes]) -> tuple[str, int, bool, subprocess.CompletedProcess]:
-        name, i, blob = case
-        path = tmp_path / f"{name}_{i}.bin"
-        path.write_bytes(blob)
-        tok = Tok(path if name == "tokenizer" else trimmed_tok.bin, trimmed_tok.hf, trimmed_tok.vocab)
-        scenario = Scenario(sc.shapes, sc.text, sc.direction, path if name == "recording" else sc.recording,
-                            path if name == "embed" else sc.embed, sc.want_ids, sc.want_text)
-        resized = len(blob) != len(files[name])
-        return name, i, resized, run_translate(host, tok, scenario)
+    def run(item: tuple[int, FuzzCase]) -> subprocess.CompletedProcess:
+        i, case = item
+        path = tmp_path / f"{case.file}_{i}.bin"
+        path.write_bytes(case.blob)
+        tok = Tok(path if case.file == "tokenizer" else trimmed_tok.bin, trimmed_tok.hf, trimmed_tok.vocab)
+        scenario = Scenario(sc.shapes, sc.text, sc.direction, path if case.file == "recording" else sc.recording,
+                            path if case.file == "embed" else sc.embed, sc.want_ids, sc.want_text)
+        result = run_translate(host, tok, scenario)
+        path.unlink()
+        return result
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        results = list(pool.map(run, cases))
-    failed = {name: 0 for name in files}
-    for name, i, resized, result in results:
-        err = result.stderr.decode(errors="replace")
-        assert result.returncode >= 0 and result.returncode not in (98, 99), f"{name} #{i}: crashed\n{err}"
-        assert not any(m in err for m in SANITIZER_MARKERS), f"{name} #{i}:\n{err}"
-        if result.returncode:
-            assert_clean_failure(result, f"{name} #{i}")
-            failed[name] += 1
+        results = list(pool.map(run, enumerate(cases)))
+    lenient_failed = {name: 0 for name in ("tokenizer", "embed", "recording")}
+    for case, result in zip(cases, results):
+        what = f"{case.file}: {case.what}"
+        if case.must_fail or result.returncode:
+            assert_clean_failure(result, what)
+            lenient_failed[case.file] += not case.must_fail
         else:
-            assert not resized, f"{name} #{i}: a truncated or extended file was accepted"
-    assert all(failed.values()), failed
+            assert not any(m in result.stderr.decode(errors="replace") for m in SANITIZER_MARKERS), what
+    assert all(lenient_failed.values()), lenient_failed  # the random damage does reach the checks
+    overflow = results[[c.what for c in cases].index("header whose table size wraps 64 bits to the file's")]
+    assert "64-bit overflow" in overflow.stderr.decode()

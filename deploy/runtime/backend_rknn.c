@@ -9,6 +9,7 @@
 #include "rknn_api_min.h"
 #endif
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -78,6 +79,7 @@ static int check(const model *m, const char *call, int ret)
 
 static int query_attrs(model *m, rknn_query_cmd cmd, rknn_tensor_attr *attrs, uint32_t n)
 {
+    const char *kind = cmd == RKNN_QUERY_INPUT_ATTR ? "input" : "output";
     uint32_t i;
     for (i = 0; i < n; i++) {
         memset(&attrs[i], 0, sizeof attrs[i]);
@@ -86,8 +88,13 @@ static int query_attrs(model *m, rknn_query_cmd cmd, rknn_tensor_attr *attrs, ui
                   rknn_query(m->ctx, cmd, &attrs[i], sizeof attrs[i])))
             return -1;
         attrs[i].name[RKNN_MAX_NAME_LEN - 1] = '\0'; /* printed and compared below */
+        /* dims[] is read up to n_dims and index names the tensor in rknn_inputs_set / rknn_outputs_get. */
+        if (attrs[i].index != i)
+            return rkt_fail(m->path, "%s %u ('%s'): attribute index is %u, queried %u", kind, i, attrs[i].name,
+                            attrs[i].index, i);
         if (attrs[i].n_dims > RKNN_MAX_DIMS)
-            return rkt_fail(m->path, "tensor %u (%s) reports %u dims", i, attrs[i].name, attrs[i].n_dims);
+            return rkt_fail(m->path, "%s %u ('%s'): n_dims is %u, more than RKNN_MAX_DIMS (%d)", kind, i,
+                            attrs[i].name, attrs[i].n_dims, RKNN_MAX_DIMS);
     }
     return 0;
 }
@@ -101,9 +108,10 @@ static int init_model(model *m, const char *path)
     m->initialized = 1;
     if (check(m, "rknn_query(IN_OUT_NUM)", rknn_query(m->ctx, RKNN_QUERY_IN_OUT_NUM, &m->io, sizeof m->io)))
         return -1;
+    /* Checked before the attributes are queried into in[MAX_IO] / out[MAX_IO]. */
     if (!m->io.n_input || m->io.n_input > MAX_IO || !m->io.n_output || m->io.n_output > MAX_IO)
-        return rkt_fail(path, "%u inputs and %u outputs; the runner's models have 2-6 and 1-3", m->io.n_input,
-                        m->io.n_output);
+        return rkt_fail(path, "rknn_query(IN_OUT_NUM): n_input %u, n_output %u; the runner's models have 2-6 inputs "
+                        "and 1-3 outputs", m->io.n_input, m->io.n_output);
     return query_attrs(m, RKNN_QUERY_INPUT_ATTR, m->in, m->io.n_input) ||
            query_attrs(m, RKNN_QUERY_OUTPUT_ATTR, m->out, m->io.n_output);
 }
@@ -160,39 +168,117 @@ static void shape_str(char *buf, size_t size, const uint32_t *dims, uint32_t n)
         snprintf(buf + used, size - used, "]");
 }
 
-/* Checks one attribute against the NCHW shape the loop uses; 4-D tensors may be reported as NHWC. */
+static const char *format_name(int fmt)
+{
+    switch (fmt) {
+    case RKNN_TENSOR_NCHW: return "NCHW";
+    case RKNN_TENSOR_NHWC: return "NHWC";
+    case RKNN_TENSOR_NC1HWC2: return "NC1HWC2";
+    case RKNN_TENSOR_UNDEFINED: return "UNDEFINED";
+    default: return "unknown";
+    }
+}
+
+/* Bytes per element of the tensor types the runtime converts float32 to and from; 0 for any other type. */
+static uint32_t type_bytes(int type)
+{
+    switch (type) {
+    case RKNN_TENSOR_FLOAT32: return 4;
+    case RKNN_TENSOR_FLOAT16: case RKNN_TENSOR_INT16: return 2;
+    case RKNN_TENSOR_INT8: case RKNN_TENSOR_UINT8: return 1;
+    default: return 0;
+    }
+}
+
+/* A quantized tensor's parameters, which the runtime uses to convert our float32 to and from it. */
+static int check_quantization(const model *m, const char *kind, const char *name, const rknn_tensor_attr *a)
+{
+    int32_t lo = a->type == RKNN_TENSOR_INT8 ? -128 : a->type == RKNN_TENSOR_UINT8 ? 0 : -32768,
+            hi = a->type == RKNN_TENSOR_INT8 ? 127 : a->type == RKNN_TENSOR_UINT8 ? 255 : 32767;
+    if (a->type == RKNN_TENSOR_FLOAT32 || a->type == RKNN_TENSOR_FLOAT16)
+        return 0; /* zp / scale unused */
+    if (a->qnt_type == RKNN_TENSOR_QNT_DFP)
+        return 0; /* scale 2^-fl: finite for every int8 fl */
+    if (a->qnt_type != RKNN_TENSOR_QNT_AFFINE_ASYMMETRIC)
+        return rkt_fail(m->path, "%s '%s': qnt_type %d, a quantized tensor needs DFP (1) or affine asymmetric (2)",
+                        kind, name, (int)a->qnt_type);
+    if (!isfinite(a->scale) || a->scale <= 0.0f)
+        return rkt_fail(m->path, "%s '%s': scale %g is not a positive finite number", kind, name, (double)a->scale);
+    if (a->zp < lo || a->zp > hi)
+        return rkt_fail(m->path, "%s '%s': zero point zp %d is outside the type's range %d..%d", kind, name,
+                        (int)a->zp, (int)lo, (int)hi);
+    return 0;
+}
+
+/* Checks one tensor's attributes against the NCHW shape the loop uses before anything is sized from them:
+   fmt (4-D tensors may be NHWC, dims then in that order), n_dims and dims, n_elems, type, size and the
+   quantization parameters. */
 static int bind(const model *m, int input, const char *name, const uint32_t *want, uint32_t n, binding *out)
 {
     const rknn_tensor_attr *a = find(m, input, name, &out->index);
+    const char *kind = input ? "input" : "output";
     uint64_t count = 1;
-    uint32_t i;
-    char got_s[128], want_s[128];
+    uint32_t i, expect[4], bytes;
+    char got_s[200], want_s[128];
     if (!a)
         return -1;
+    /* Saturating: 4-D caches multiply four factors below 2^32 (L and Tc are free), which could wrap 64 bits to a
+       small count that a corrupt n_elems matches. Past UINT32_MAX the count only has to stay too large. */
     for (i = 0; i < n; i++)
-        count *= want[i];
-    out->nhwc = 0;
-    if (a->n_dims != n || memcmp(a->dims, want, n * sizeof *want) != 0) {
-        out->nhwc = n == 4 && a->n_dims == 4 && a->fmt == RKNN_TENSOR_NHWC && a->dims[0] == want[0] &&
-                    a->dims[1] == want[2] && a->dims[2] == want[3] && a->dims[3] == want[1];
-        if (!out->nhwc) {
-            shape_str(got_s, sizeof got_s, a->dims, a->n_dims);
-            shape_str(want_s, sizeof want_s, want, n);
-            return rkt_fail(m->path, "%s '%s' has shape %s, expected %s", input ? "input" : "output", name, got_s,
-                            want_s);
-        }
+        count = count > UINT32_MAX ? count : count * want[i];
+    if (a->fmt != RKNN_TENSOR_NCHW && a->fmt != RKNN_TENSOR_NHWC && a->fmt != RKNN_TENSOR_UNDEFINED)
+        return rkt_fail(m->path, "%s '%s': fmt %d (%s), the runner handles NCHW, NHWC or UNDEFINED", kind, name,
+                        (int)a->fmt, format_name(a->fmt));
+    out->nhwc = n == 4 && a->fmt == RKNN_TENSOR_NHWC;
+    memcpy(expect, want, n * sizeof *want);
+    if (out->nhwc) {
+        expect[1] = want[2];
+        expect[2] = want[3];
+        expect[3] = want[1];
     }
-    if (count > UINT32_MAX / 4 || a->n_elems != count)
-        return rkt_fail(m->path, "'%s' reports %u elements, its shape has %llu", name, a->n_elems,
-                        (unsigned long long)count);
+    if (a->n_dims != n || memcmp(a->dims, expect, n * sizeof *expect) != 0) {
+        shape_str(got_s, sizeof got_s, a->dims, a->n_dims);
+        shape_str(want_s, sizeof want_s, expect, n);
+        return rkt_fail(m->path, "%s '%s' has n_dims %u, dims %s (fmt %s), expected %s", kind, name, a->n_dims, got_s,
+                        format_name(a->fmt), want_s);
+    }
+    if (count == 0 || count > UINT32_MAX / 4 || a->n_elems != count)
+        return rkt_fail(m->path, "%s '%s': n_elems is %u, its shape has %llu%s elements (the runner takes 1 to %u)",
+                        kind, name, a->n_elems, (unsigned long long)count, count > UINT32_MAX ? " or more" : "",
+                        UINT32_MAX / 4);
     /* float32 in and out; the runtime converts to and from the model's own type, which must be one it can. */
-    if (a->type != RKNN_TENSOR_FLOAT32 && a->type != RKNN_TENSOR_FLOAT16 && a->type != RKNN_TENSOR_INT8 &&
-        a->type != RKNN_TENSOR_UINT8 && a->type != RKNN_TENSOR_INT16)
-        return rkt_fail(m->path, "'%s' has tensor type %d, not a float or quantized type", name, (int)a->type);
+    if (!(bytes = type_bytes(a->type)))
+        return rkt_fail(m->path, "%s '%s': type %d is not float32, float16, int8, uint8 or int16", kind, name,
+                        (int)a->type);
+    if (a->size < count * bytes)
+        return rkt_fail(m->path, "%s '%s': size is %u bytes, its %llu elements of %u bytes need %llu", kind, name,
+                        a->size, (unsigned long long)count, bytes, (unsigned long long)(count * bytes));
+    if (check_quantization(m, kind, name, a))
+        return -1;
     out->count = (uint32_t)count;
     if (n == 4)
         memcpy(out->nchw, want, sizeof out->nchw);
     return 0;
+}
+
+/* A tensor the shapes are read from: n_dims n and no zero dimension, checked before any dims[] is used. bind()
+   later checks it in full like every other tensor. */
+static const rknn_tensor_attr *anchor(const model *m, int input, const char *name, uint32_t n, const char *form)
+{
+    uint32_t index, i = 0;
+    const rknn_tensor_attr *a = find(m, input, name, &index);
+    char got_s[200];
+    if (!a)
+        return NULL;
+    while (a->n_dims == n && i < n && a->dims[i])
+        i++;
+    if (a->n_dims != n || i < n) {
+        shape_str(got_s, sizeof got_s, a->dims, a->n_dims);
+        rkt_fail(m->path, "%s '%s' has n_dims %u, dims %s; expected %s, no dimension 0", input ? "input" : "output",
+                 name, a->n_dims, got_s, form);
+        return NULL;
+    }
+    return a;
 }
 
 static int expect_io(const model *m, uint32_t n_in, uint32_t n_out, const char *what)
@@ -208,37 +294,31 @@ static int rknn_query_dims(void *ctx, rkt_dims *dims)
     rknn_backend *b = ctx;
     rkt_dims *d = &b->dims;
     const rknn_tensor_attr *a;
-    uint32_t index, S, D, V, L, H = 0, Tc = 0, hd = 0, i;
+    uint32_t S, D, V, L, H = 0, Tc = 0, hd = 0, i;
     int transformer;
     /* The shapes come from a few anchor tensors; bind() then checks every tensor against them. */
-    if (expect_io(&b->enc, 2, 1, "an encoder") || !(a = find(&b->enc, 1, "src_embeds", &index)))
+    if (expect_io(&b->enc, 2, 1, "an encoder") || !(a = anchor(&b->enc, 1, "src_embeds", 3, "[1, S, D]")))
         return -1;
-    if (a->n_dims != 3 || a->dims[0] != 1 || !a->dims[1] || !a->dims[2])
-        return rkt_fail(b->enc.path, "src_embeds must be [1, S, D], it has %u dims", a->n_dims);
     S = a->dims[1];
     D = a->dims[2];
     transformer = b->dec.io.n_input == 6;
     if (expect_io(&b->dec, transformer ? 6 : 4, transformer ? 3 : 2, "a recurrent (4/2) or transformer (6/3) decoder"))
         return -1;
-    if (!(a = find(&b->dec, 0, "logits", &index)))
+    if (!(a = anchor(&b->dec, 0, "logits", 2, "[1, V]")))
         return -1;
-    if (a->n_dims != 2 || a->dims[0] != 1 || !a->dims[1])
-        return rkt_fail(b->dec.path, "logits must be [1, V], it has %u dims", a->n_dims);
     V = a->dims[1];
-    if (!(a = find(&b->dec, 1, transformer ? "cache_k" : "state", &index)))
+    if (!(a = anchor(&b->dec, 1, transformer ? "cache_k" : "state", transformer ? 4 : 3,
+                     transformer ? "[L, H, Tc, hd] (NHWC: [L, Tc, hd, H])" : "[L, 1, D]")))
         return -1;
-    if (a->n_dims != (transformer ? 4u : 3u) || !a->dims[0])
-        return rkt_fail(b->dec.path, "%s must be %s", transformer ? "cache_k" : "state",
-                        transformer ? "[L, H, Tc, hd]" : "[L, 1, D]");
     L = a->dims[0];
     if (transformer) {
         int nhwc = a->fmt == RKNN_TENSOR_NHWC;
         H = nhwc ? a->dims[3] : a->dims[1];
         Tc = nhwc ? a->dims[1] : a->dims[2];
         hd = nhwc ? a->dims[2] : a->dims[3];
-        if (!H || !Tc || (uint64_t)H * hd != D)
-            return rkt_fail(b->dec.path, "cache_k gives H = %u, hd = %u, Tc = %u, which do not fit D = %u", H, hd,
-                            Tc, D);
+        if ((uint64_t)H * hd != D)
+            return rkt_fail(b->dec.path, "input 'cache_k': dims give H = %u, hd = %u (Tc = %u), H * hd is not D = %u",
+                            H, hd, Tc, D);
     }
     {
         const uint32_t s_embeds[] = {1, S, D}, s_mask[] = {1, S}, s_tok[] = {1, 1, D}, s_logits[] = {1, V},
@@ -315,7 +395,8 @@ static int run_model(rknn_backend *b, const model *m, const binding *in, const f
         return -1;
     for (i = 0; i < n_out && rc == 0; i++) {
         if (!outputs[i].buf || outputs[i].size != out[i].count * 4) {
-            rc = rkt_fail(m->path, "output %u: %u bytes, expected %u float32", out[i].index, outputs[i].size,
+            rc = rkt_fail(m->path, "output '%s': rknn_outputs_get gave %s%u bytes, expected %u float32",
+                          m->out[out[i].index].name, outputs[i].buf ? "" : "no buffer and ", outputs[i].size,
                           out[i].count);
         } else if (out[i].nhwc) {
             memcpy(b->scratch, outputs[i].buf, outputs[i].size);

@@ -8,6 +8,12 @@
 
 enum { HEADER = 24 };
 
+/* Saturating a * b: a saturated size never equals a real file's, so it fails the size check below. */
+static uint64_t sat_mul(uint64_t a, uint64_t b)
+{
+    return a && b > UINT64_MAX / a ? UINT64_MAX : a * b;
+}
+
 int rkt_embed_load(const char *path, rkt_embed *e)
 {
     uint8_t *data;
@@ -24,16 +30,18 @@ int rkt_embed_load(const char *path, rkt_embed *e)
     e->dim = rkt_le32(data + 12);
     e->n_directions = rkt_le32(data + 16);
     e->max_positions = rkt_le32(data + 20);
-    /* Each factor is below 2^32, so rows * dim * 4 fits in 64 bits. */
+    /* rows < 3 * 2^32 and dim < 2^32, so rows * dim * 4 can pass 2^64: saturate rather than wrap, or a crafted
+       header could match a small file and make the tables far larger than the data read. */
     rows = (uint64_t)e->vocab + e->n_directions + e->max_positions;
-    expected = HEADER + rows * e->dim * 4;
+    expected = sat_mul(sat_mul(rows, e->dim), 4);
+    expected = expected > UINT64_MAX - HEADER ? UINT64_MAX : expected + HEADER;
     if (!e->vocab || !e->dim || !e->n_directions || !e->max_positions || expected != (uint64_t)size) {
         free(data);
         return rkt_fail(path, "%zu bytes, but a [%u, %u] token, [%u, %u] direction and [%u, %u] position table "
-                        "take %llu", size, e->vocab, e->dim, e->n_directions, e->dim, e->max_positions, e->dim,
-                        (unsigned long long)expected);
+                        "take %llu%s", size, e->vocab, e->dim, e->n_directions, e->dim, e->max_positions, e->dim,
+                        (unsigned long long)expected, expected == UINT64_MAX ? " or more (64-bit overflow)" : "");
     }
-    count = (size_t)(rows * e->dim);
+    count = (size - HEADER) / 4; /* == rows * dim, now known to fit in size_t */
     if (!(e->token = rkt_calloc(count, sizeof *e->token, path))) {
         free(data);
         return -1;

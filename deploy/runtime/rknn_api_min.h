@@ -58,7 +58,9 @@ typedef enum _rknn_tensor_format {
 } rknn_tensor_format;
 
 typedef enum _rknn_tensor_qnt_type {
-    RKNN_TENSOR_QNT_NONE = 0
+    RKNN_TENSOR_QNT_NONE = 0,
+    RKNN_TENSOR_QNT_DFP = 1,               /* dynamic fixed point: value = q * 2^-fl */
+    RKNN_TENSOR_QNT_AFFINE_ASYMMETRIC = 2  /* value = (q - zp) * scale */
 } rknn_tensor_qnt_type;
 
 typedef struct _rknn_input_output_num {

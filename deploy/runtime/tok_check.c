@@ -19,28 +19,37 @@ static void print_hex(const rkt_bytes *b)
         printf("%02x", b->p[i]);
 }
 
+/* Decodes ids and prints the case's line: with_ids puts the ids and a tab before decode(ids) in hex. Takes rc, the
+   status of what produced ids (nothing is printed if it failed), and frees ids. */
+static int finish_case(const rkt_tokenizer *tok, rkt_u32vec *ids, int rc, int with_ids)
+{
+    rkt_bytes text = {0};
+    size_t i;
+    if (rc == 0)
+        rc = rkt_tokenizer_decode(tok, ids->v, ids->n, &text);
+    if (rc == 0) {
+        for (i = 0; with_ids && i < ids->n; i++)
+            printf(i ? " %u" : "%u", ids->v[i]);
+        if (with_ids)
+            putchar('\t');
+        print_hex(&text);
+        putchar('\n');
+    }
+    rkt_u32vec_free(ids);
+    rkt_bytes_free(&text);
+    return rc;
+}
+
 static int encode_all(const rkt_tokenizer *tok, const uint8_t *in, size_t n)
 {
     size_t start = 0;
     while (start < n) {
         const uint8_t *end = memchr(in + start, 0, n - start);
-        size_t len = end ? (size_t)(end - (in + start)) : n - start, i;
+        size_t len = end ? (size_t)(end - (in + start)) : n - start;
         rkt_u32vec ids = {0};
-        rkt_bytes text = {0};
         int rc = rkt_tokenizer_encode(tok, in + start, len, &ids);
-        if (rc == 0)
-            rc = rkt_tokenizer_decode(tok, ids.v, ids.n, &text);
-        if (rc == 0) {
-            for (i = 0; i < ids.n; i++)
-                printf(i ? " %u" : "%u", ids.v[i]);
-            putchar('\t');
-            print_hex(&text);
-            putchar('\n');
-        }
-        rkt_u32vec_free(&ids);
-        rkt_bytes_free(&text);
-        if (rc)
-            return rc;
+        if (finish_case(tok, &ids, rc, 1))
+            return -1;
         start += len + 1;
     }
     return 0;
@@ -51,7 +60,6 @@ static int decode_all(const rkt_tokenizer *tok, const uint8_t *in, size_t n)
     size_t pos = 0;
     while (pos < n) {
         rkt_u32vec ids = {0};
-        rkt_bytes text = {0};
         int rc = 0;
         while (pos < n && in[pos] != '\n' && rc == 0) {
             unsigned long long value = 0;
@@ -68,16 +76,8 @@ static int decode_all(const rkt_tokenizer *tok, const uint8_t *in, size_t n)
             rc = value > 0xFFFFFFFFull ? rkt_fail("tok_check", "id too large") : rkt_u32vec_push(&ids, (uint32_t)value);
         }
         pos++;
-        if (rc == 0)
-            rc = rkt_tokenizer_decode(tok, ids.v, ids.n, &text);
-        if (rc == 0) {
-            print_hex(&text);
-            putchar('\n');
-        }
-        rkt_u32vec_free(&ids);
-        rkt_bytes_free(&text);
-        if (rc)
-            return rc;
+        if (finish_case(tok, &ids, rc, 0))
+            return -1;
     }
     return 0;
 }

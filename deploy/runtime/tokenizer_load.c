@@ -27,6 +27,20 @@ typedef struct {
 
 /* ------------------------------------------------------------------ loading */
 
+/* A Unicode scalar value: at most U+10FFFF and not a surrogate. */
+static int is_scalar(uint32_t cp)
+{
+    return cp <= MAX_CODE_POINT && (cp < 0xD800 || cp > 0xDFFF);
+}
+
+/* Row i of a table of 12-byte rows (three u32 fields). */
+static void row3(span s, size_t i, uint32_t *a, uint32_t *b, uint32_t *c)
+{
+    *a = rkt_le32(s.p + 12 * i);
+    *b = rkt_le32(s.p + 12 * i + 4);
+    *c = rkt_le32(s.p + 12 * i + 8);
+}
+
 static uint32_t *u32_array(span s, const char *what)
 {
     size_t i, n = s.size / 4;
@@ -60,9 +74,7 @@ static rkt_range *load_ranges(span s, const char *path, int sec, uint32_t max_va
     if (expect_multiple(path, sec, s.size, 12) || !(r = rkt_calloc(n, sizeof *r, path)))
         return NULL;
     for (i = 0; i < n; i++) {
-        r[i].first = rkt_le32(s.p + 12 * i);
-        r[i].last = rkt_le32(s.p + 12 * i + 4);
-        r[i].value = rkt_le32(s.p + 12 * i + 8);
+        row3(s, i, &r[i].first, &r[i].last, &r[i].value);
         if (r[i].first > r[i].last || r[i].last > MAX_CODE_POINT || r[i].value == 0 || r[i].value > max_value ||
             (i > 0 && r[i].first <= r[i - 1].last)) {
             rkt_fail(path, "section %s: range %zu (%u..%u = %u) is out of order, outside Unicode or has a bad value",
@@ -107,9 +119,10 @@ static int load_ids(rkt_tokenizer *t, const span *sec, const char *path)
     for (i = 0; i < 256; i++)
         if (t->teacher_student[t->byte_token[i]] == NOT_KEPT)
             return rkt_fail(path, "the student does not keep the token of byte %u", i);
-    if (t->pad >= t->n_student || t->bos >= t->n_student || t->eos >= t->n_student)
-        return rkt_fail(path, "pad/bos/eos ids %u/%u/%u are not below %u student ids", t->pad, t->bos, t->eos,
-                        t->n_student);
+    if (t->pad >= t->n_student || t->bos >= t->n_student || t->eos >= t->n_student || t->pad == t->bos ||
+        t->pad == t->eos || t->bos == t->eos)
+        return rkt_fail(path, "pad/bos/eos ids %u/%u/%u are not distinct ids below %u student ids", t->pad, t->bos,
+                        t->eos, t->n_student);
     return 0;
 }
 
@@ -128,8 +141,9 @@ static int load_token_bytes(rkt_tokenizer *t, const span *sec, const char *path)
     memcpy(t->token_bytes, sec[SEC_TOKEN_BYTES].p, sec[SEC_TOKEN_BYTES].size);
 
     t->n_index = sec[SEC_VOCAB_INDEX].size / 4;
-    if (t->n_index && !(t->flags & FLAG_IGNORE_MERGES))
-        return rkt_fail(path, "VOCAB_INDEX is only used with ignore_merges, which the header does not set");
+    if (!t->n_index != !(t->flags & FLAG_IGNORE_MERGES))
+        return rkt_fail(path, "VOCAB_INDEX has %zu entries; it is written exactly when the header sets ignore_merges "
+                        "(flags 0x%x)", t->n_index, t->flags);
     if (!(t->vocab_index = u32_array(sec[SEC_VOCAB_INDEX], path)))
         return -1;
     for (i = 0; i < t->n_index; i++)
@@ -183,6 +197,9 @@ static int load_added(rkt_tokenizer *t, span s, const char *path)
         if (flags && t->teacher_student[a->teacher] != NOT_KEPT)
             t->student_special[t->teacher_student[a->teacher]] = 1;
     }
+    /* pad, bos and eos are <|endoftext|>, <|im_start|> and <|im_end|>: special tokens, which decoding skips. */
+    if (!t->student_special[t->pad] || !t->student_special[t->bos] || !t->student_special[t->eos])
+        return rkt_fail(path, "pad/bos/eos ids %u/%u/%u are not all special added tokens", t->pad, t->bos, t->eos);
     return 0;
 }
 
@@ -215,7 +232,7 @@ static int load_unicode(rkt_tokenizer *t, const span *sec, const char *path)
     u->ccc = t->ccc;
     u->pool = t->pool;
     for (i = 0; i < n_pool; i++)
-        if (t->pool[i] > MAX_CODE_POINT || (t->pool[i] >= 0xD800 && t->pool[i] <= 0xDFFF))
+        if (!is_scalar(t->pool[i]))
             return rkt_fail(path, "DECOMP_POOL entry %zu is not a Unicode scalar value", i);
     u->n_decomp = sec[SEC_DECOMP].size / 12;
     if (!(t->decomp = rkt_calloc(u->n_decomp, sizeof *t->decomp, path)))
@@ -223,12 +240,11 @@ static int load_unicode(rkt_tokenizer *t, const span *sec, const char *path)
     u->decomp = t->decomp;
     for (i = 0; i < u->n_decomp; i++) {
         rkt_decomp *d = &t->decomp[i];
-        d->cp = rkt_le32(sec[SEC_DECOMP].p + 12 * i);
-        d->offset = rkt_le32(sec[SEC_DECOMP].p + 12 * i + 4);
-        d->length = rkt_le32(sec[SEC_DECOMP].p + 12 * i + 8);
-        if (d->cp > MAX_CODE_POINT || (i > 0 && d->cp <= d[-1].cp) || d->length == 0 || d->length > MAX_DECOMP ||
+        row3(sec[SEC_DECOMP], i, &d->cp, &d->offset, &d->length);
+        if (!is_scalar(d->cp) || (i > 0 && d->cp <= d[-1].cp) || d->length == 0 || d->length > MAX_DECOMP ||
             d->offset > n_pool || d->length > n_pool - d->offset)
-            return rkt_fail(path, "decomposition %zu (U+%04X) is out of order or outside DECOMP_POOL", i, d->cp);
+            return rkt_fail(path, "decomposition %zu (U+%04X) is out of order, not a scalar value or outside "
+                            "DECOMP_POOL", i, d->cp);
         if (d->length > u->max_expansion)
             u->max_expansion = d->length;
     }
@@ -238,13 +254,10 @@ static int load_unicode(rkt_tokenizer *t, const span *sec, const char *path)
     u->compose = t->compose;
     for (i = 0; i < u->n_compose; i++) {
         rkt_compose *k = &t->compose[i];
-        k->first = rkt_le32(sec[SEC_COMPOSE].p + 12 * i);
-        k->second = rkt_le32(sec[SEC_COMPOSE].p + 12 * i + 4);
-        k->composite = rkt_le32(sec[SEC_COMPOSE].p + 12 * i + 8);
-        if (k->first > MAX_CODE_POINT || k->second > MAX_CODE_POINT || k->composite > MAX_CODE_POINT ||
-            k->composite == 0 ||
+        row3(sec[SEC_COMPOSE], i, &k->first, &k->second, &k->composite);
+        if (!is_scalar(k->first) || !is_scalar(k->second) || !is_scalar(k->composite) || k->composite == 0 ||
             (i > 0 && (k->first < k[-1].first || (k->first == k[-1].first && k->second <= k[-1].second))))
-            return rkt_fail(path, "composition %zu is out of order or outside Unicode", i);
+            return rkt_fail(path, "composition %zu is out of order or not Unicode scalar values", i);
     }
     return 0;
 }
@@ -253,6 +266,7 @@ static int parse(rkt_tokenizer *t, const uint8_t *data, size_t size, const char 
 {
     span sec[N_SECTIONS];
     uint32_t version, crc, pattern, n_sections;
+    size_t next;
     int k;
     if (size < HEADER_SIZE)
         return rkt_fail(path, "truncated: %zu bytes, the header alone is %d", size, HEADER_SIZE);
@@ -282,14 +296,19 @@ static int parse(rkt_tokenizer *t, const uint8_t *data, size_t size, const char 
         return rkt_fail(path, "%u sections, version %d has %d", n_sections, VERSION, N_SECTIONS);
     if (t->n_teacher == 0 || t->n_student == 0 || t->n_teacher == UINT32_MAX)
         return rkt_fail(path, "bad id counts: %u teacher, %u student", t->n_teacher, t->n_student);
-    for (k = 0; k < N_SECTIONS; k++) {
+    /* The sections follow the header back to back, in order, and end the file: no gaps, overlaps or trailing
+       bytes, so a damaged offset or size is caught here rather than read as some other section's data. */
+    for (k = 0, next = HEADER_SIZE; k < N_SECTIONS; k++) {
         uint32_t off = rkt_le32(data + 56 + 8 * k), len = rkt_le32(data + 60 + 8 * k);
-        if (off > size || len > size - off)
-            return rkt_fail(path, "section %s (offset %u, %u bytes) lies outside the %zu-byte file", section_names[k],
-                            off, len, size);
+        if (off != next || len > size - off)
+            return rkt_fail(path, "section %s (offset %u, %u bytes) is not where the previous section ends (%zu) "
+                            "or lies outside the %zu-byte file", section_names[k], off, len, next, size);
         sec[k].p = data + off;
         sec[k].size = len;
+        next = (size_t)off + len;
     }
+    if (next != size)
+        return rkt_fail(path, "%zu bytes after the last section", size - next);
     if (expect_size(path, SEC_BYTE_TOKENS, sec[SEC_BYTE_TOKENS].size, 256, 4) ||
         expect_size(path, SEC_MERGES, sec[SEC_MERGES].size, t->n_merges, 16) ||
         expect_size(path, SEC_STUDENT_TEACHER, sec[SEC_STUDENT_TEACHER].size, t->n_student, 4) ||

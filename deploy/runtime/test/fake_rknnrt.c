@@ -5,7 +5,19 @@
    Options: 1 = report 4-D tensors as NHWC (and return 4-D outputs in NHWC); 2 = report float16 tensors;
             4 = rknn_run of the decoder fails with RKNN_ERR_TIMEOUT at its third call;
             8 = report logits one wider than the recording (an attribute the backend must reject).
-   Inputs are listed in reverse order, so the backend must bind tensors by name, not by position. */
+   Inputs are listed in reverse order, so the backend must bind tensors by name, not by position.
+
+   FAKE_RKNN_CORRUPT makes the fake report bad values, so tests can check that the backend rejects them (with an
+   error naming the tensor and attribute) instead of sizing a buffer or indexing with them. A comma-separated list
+   of MODEL.TENSOR.FIELD=VALUE, MODEL being enc or dec:
+     MODEL.io.n_input / MODEL.io.n_output                 what rknn_query(IN_OUT_NUM) reports
+     MODEL.TENSOR.F, F one of index n_dims dims0..dims15 n_elems size fmt type qnt_type zp fl scale name
+                                                          that tensor's rknn_query(INPUT_ATTR / OUTPUT_ATTR)
+     MODEL.TENSOR.out_size / MODEL.TENSOR.out_buf (0: NULL) what rknn_outputs_get returns for that output
+   VALUE is an integer (C syntax: 0x.., negative), a float for scale (nan, inf), a string for name. Only what is
+   reported changes; the fake keeps running on its true attributes. A malformed list exits with status 97. */
+#include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -24,9 +36,120 @@ typedef struct {
     int in_set, outputs_held;
 } fake;
 
+/* ------------------------------------------------------------------ FAKE_RKNN_CORRUPT */
+
+enum { MAX_CORRUPTIONS = 32 };
+
+typedef struct {
+    int decoder;
+    char tensor[RKNN_MAX_NAME_LEN], field[16], value[64];
+} corruption;
+
+static corruption corruptions[MAX_CORRUPTIONS];
+static int n_corruptions = -1; /* -1: FAKE_RKNN_CORRUPT not read yet */
+
+/* The 4-byte integer fields (enums included) a corruption can set, by name. */
+static const struct {
+    const char *name;
+    size_t offset;
+} int_fields[] = {
+    {"index", offsetof(rknn_tensor_attr, index)},       {"n_dims", offsetof(rknn_tensor_attr, n_dims)},
+    {"n_elems", offsetof(rknn_tensor_attr, n_elems)},   {"size", offsetof(rknn_tensor_attr, size)},
+    {"fmt", offsetof(rknn_tensor_attr, fmt)},           {"type", offsetof(rknn_tensor_attr, type)},
+    {"qnt_type", offsetof(rknn_tensor_attr, qnt_type)}, {"zp", offsetof(rknn_tensor_attr, zp)},
+};
+typedef char enums_are_4_bytes[sizeof(rknn_tensor_format) == 4 && sizeof(rknn_tensor_type) == 4 &&
+                               sizeof(rknn_tensor_qnt_type) == 4 ? 1 : -1];
+
+/* Sets one attribute field from its text; -1 for an unknown field. */
+static int set_attr_field(rknn_tensor_attr *a, const char *field, const char *value)
+{
+    uint32_t v = (uint32_t)strtoll(value, NULL, 0); /* two's complement for negative values */
+    size_t i;
+    for (i = 0; i < sizeof int_fields / sizeof *int_fields; i++)
+        if (strcmp(field, int_fields[i].name) == 0) {
+            memcpy((char *)a + int_fields[i].offset, &v, sizeof v);
+            return 0;
+        }
+    if (strncmp(field, "dims", 4) == 0 && field[4] >= '0' && field[4] <= '9' && atoi(field + 4) < RKNN_MAX_DIMS)
+        a->dims[atoi(field + 4)] = v;
+    else if (strcmp(field, "fl") == 0)
+        a->fl = (int8_t)strtol(value, NULL, 0);
+    else if (strcmp(field, "scale") == 0)
+        a->scale = strtof(value, NULL);
+    else if (strcmp(field, "name") == 0)
+        strncpy(a->name, value, RKNN_MAX_NAME_LEN - 1);
+    else
+        return -1;
+    return 0;
+}
+
+static int known_field(const corruption *c)
+{
+    rknn_tensor_attr scratch;
+    if (strcmp(c->tensor, "io") == 0)
+        return strcmp(c->field, "n_input") == 0 || strcmp(c->field, "n_output") == 0;
+    return strcmp(c->field, "out_size") == 0 || strcmp(c->field, "out_buf") == 0 ||
+           set_attr_field(&scratch, c->field, c->value) == 0;
+}
+
+static void read_corruptions(void)
+{
+    const char *spec = getenv("FAKE_RKNN_CORRUPT");
+    if (n_corruptions >= 0)
+        return;
+    n_corruptions = 0;
+    while (spec && *spec) {
+        const char *end = strchr(spec, ',');
+        size_t len = end ? (size_t)(end - spec) : strlen(spec);
+        char item[400], model[8];
+        corruption *c = &corruptions[n_corruptions];
+        if (n_corruptions == MAX_CORRUPTIONS || len >= sizeof item)
+            goto bad;
+        memcpy(item, spec, len);
+        item[len] = '\0';
+        if (sscanf(item, "%7[^.].%255[^.].%15[^=]=%63s", model, c->tensor, c->field, c->value) != 4 ||
+            (strcmp(model, "enc") && strcmp(model, "dec")) || !known_field(c))
+            goto bad;
+        c->decoder = strcmp(model, "dec") == 0;
+        n_corruptions++;
+        spec += len + (end != NULL);
+        continue;
+    bad:
+        fprintf(stderr, "fake_rknnrt: FAKE_RKNN_CORRUPT: cannot use '%.*s' (MODEL.TENSOR.FIELD=VALUE)\n", (int)len,
+                spec);
+        exit(97);
+    }
+}
+
+/* The value of a corruption of this model's tensor and field, or NULL. */
+static const char *corrupted(int decoder, const char *tensor, const char *field)
+{
+    int i;
+    read_corruptions();
+    for (i = n_corruptions - 1; i >= 0; i--) /* the last one given wins */
+        if (corruptions[i].decoder == decoder && strcmp(corruptions[i].tensor, tensor) == 0 &&
+            strcmp(corruptions[i].field, field) == 0)
+            return corruptions[i].value;
+    return NULL;
+}
+
+/* Applies every corruption of the tensor that is truly named `name` to the attribute reported for it. */
+static void corrupt_attr(int decoder, const char *name, rknn_tensor_attr *a)
+{
+    int i;
+    read_corruptions();
+    for (i = 0; i < n_corruptions; i++)
+        if (corruptions[i].decoder == decoder && strcmp(corruptions[i].tensor, name) == 0)
+            set_attr_field(a, corruptions[i].field, corruptions[i].value);
+}
+
+/* ------------------------------------------------------------------ the fake runtime */
+
 /* Encoder and decoder contexts share one recording: the decoder's checks need the encoder's step. */
 static void *recording;
 static int recording_refs;
+static uint8_t *recording_model; /* the model file naming the recording: the replay keeps its path for messages */
 
 static void set_attr(rknn_tensor_attr *a, uint32_t index, const char *name, const uint32_t *dims, uint32_t n,
                      uint32_t options)
@@ -107,6 +230,8 @@ static void destroy(fake *f)
     if (recording && --recording_refs == 0) {
         rkt_replay_backend.release(recording);
         recording = NULL;
+        free(recording_model);
+        recording_model = NULL;
     }
     free(f);
 }
@@ -116,8 +241,13 @@ int rknn_init(rknn_context *context, void *model, uint32_t size, uint32_t flag, 
     uint8_t *data;
     size_t n;
     fake *f;
+    FILE *probe;
     (void)flag;
-    if (size != 0 || extend != NULL || rkt_read_file((const char *)model, &data, &n))
+    /* Only the return code reports a missing model (rkt_read_file would print its own line). */
+    if (size != 0 || extend != NULL || !(probe = fopen((const char *)model, "rb")))
+        return RKNN_ERR_PARAM_INVALID;
+    fclose(probe);
+    if (rkt_read_file((const char *)model, &data, &n))
         return RKNN_ERR_PARAM_INVALID;
     if (n < 17 || memcmp(data, "RKFAKE1\0", 8) != 0 || data[n - 1] != 0 || !(f = calloc(1, sizeof *f))) {
         free(data);
@@ -125,8 +255,10 @@ int rknn_init(rknn_context *context, void *model, uint32_t size, uint32_t flag, 
     }
     f->decoder = rkt_le32(data + 8) == 1;
     f->options = rkt_le32(data + 12);
-    if (!recording)
-        recording = rkt_replay_backend.load((const char *)data + 16, "-");
+    if (!recording && (recording = rkt_replay_backend.load((const char *)data + 16, "-")) != NULL) {
+        recording_model = data; /* freed with the recording, not before: it holds the path the replay reports */
+        data = NULL;
+    }
     free(data);
     if (!recording) {
         free(f);
@@ -153,16 +285,20 @@ int rknn_query(rknn_context context, rknn_query_cmd cmd, void *info, uint32_t si
     fake *f = (fake *)(uintptr_t)context;
     if (cmd == RKNN_QUERY_IN_OUT_NUM && size == sizeof(rknn_input_output_num)) {
         rknn_input_output_num *io = info;
-        io->n_input = f->n_in;
-        io->n_output = f->n_out;
+        const char *n_in = corrupted(f->decoder, "io", "n_input"), *n_out = corrupted(f->decoder, "io", "n_output");
+        io->n_input = n_in ? (uint32_t)strtoll(n_in, NULL, 0) : f->n_in;
+        io->n_output = n_out ? (uint32_t)strtoll(n_out, NULL, 0) : f->n_out;
         return RKNN_SUCC;
     }
     if ((cmd == RKNN_QUERY_INPUT_ATTR || cmd == RKNN_QUERY_OUTPUT_ATTR) && size == sizeof(rknn_tensor_attr)) {
         rknn_tensor_attr *a = info;
         int input = cmd == RKNN_QUERY_INPUT_ATTR;
+        const rknn_tensor_attr *truth;
         if (a->index >= (input ? f->n_in : f->n_out))
             return RKNN_ERR_PARAM_INVALID;
-        *a = input ? f->in[a->index] : f->out[a->index];
+        truth = input ? &f->in[a->index] : &f->out[a->index];
+        *a = *truth;
+        corrupt_attr(f->decoder, truth->name, a);
         return RKNN_SUCC;
     }
     return RKNN_ERR_PARAM_INVALID;
@@ -257,10 +393,15 @@ int rknn_outputs_get(rknn_context context, uint32_t n_outputs, rknn_output outpu
     if (n_outputs != f->n_out || extend != NULL || f->runs == 0)
         return RKNN_ERR_PARAM_INVALID;
     for (i = 0; i < n_outputs; i++) {
+        const char *size, *buf;
+        const rknn_tensor_attr *a;
         if (outputs[i].index >= f->n_out || !outputs[i].want_float || outputs[i].is_prealloc)
             return RKNN_ERR_OUTPUT_INVALID;
-        outputs[i].buf = f->out_buf[outputs[i].index];
-        outputs[i].size = f->out[outputs[i].index].n_elems * 4;
+        a = &f->out[outputs[i].index];
+        size = corrupted(f->decoder, a->name, "out_size");
+        buf = corrupted(f->decoder, a->name, "out_buf");
+        outputs[i].buf = buf && strtoll(buf, NULL, 0) == 0 ? NULL : f->out_buf[outputs[i].index];
+        outputs[i].size = size ? (uint32_t)strtoll(size, NULL, 0) : a->n_elems * 4;
     }
     f->outputs_held = 1;
     return RKNN_SUCC;
