@@ -122,7 +122,10 @@ class TrainConfig:
     seed: int = _field(1234, "random seed for initialisation, shuffling and dropout", low=0, high=2**31 - 1)
     bf16: str = _field("auto", "bf16 compute: auto = on GPUs that support it, off on CPU",
                        choices=("auto", "on", "off"))
-    max_bad_steps: int = _field(5, "stop after this many non-finite steps in a row", low=1, high=10**6)
+    max_bad_steps: int = _field(5, "stop after this many skipped steps in a row (non-finite loss or gradient: "
+                                "the update is skipped and counted)", low=1, high=10**6)
+    trust_remote_code: bool = _field(False, "let transformers run Python code shipped in the teacher folder; "
+                                     "only for folders you trust (Qwen needs none)")
 
 
 @dataclass
@@ -179,7 +182,7 @@ ALIASES = {
     "teacher_placement": "distill.teacher_placement",
     "on_bad_line": "data.on_bad_line", "max_bad_steps": "train.max_bad_steps", "log_every": "train.log_every",
     "warmup_steps": "train.warmup_steps", "grad_accum": "train.grad_accum", "ds_config": "train.ds_config",
-    "decoder": "model.decoder",
+    "decoder": "model.decoder", "trust_remote_code": "train.trust_remote_code",
 }
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -275,6 +278,11 @@ def load_file(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, data, ...), got {type(data).__name__}")
+    out = (data.get("train") or {}).get("out") if isinstance(data.get("train"), dict) else None
+    if out is not None and (Path(str(out)).is_absolute() or ".." in Path(str(out)).parts):
+        # a config file may come from elsewhere: it must not point a run's writes outside this project
+        raise ConfigError(f"{path}: train.out {out!r} leaves the working folder; give a relative path without "
+                          "'..', or pass --out on the command line if you mean it")
     return data
 
 

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -55,6 +56,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, config_lib.Config]:
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; do not pass")
     config_lib.add_arguments(parser)
     args = parser.parse_args(argv)
+    for flag, tag in (("--resume", args.resume), ("--tag", args.tag)):
+        if tag not in (None, "latest") and not re.fullmatch(r"step\d+", tag):  # a tag names a folder: no paths
+            parser.error(f"{flag} {tag!r}: give a checkpoint tag such as step200, or nothing for the latest")
     try:
         cfg = config_lib.from_args(args)
     except config_lib.ConfigError as exc:
@@ -143,7 +147,7 @@ def build_engine(model, ds: dict, cfg: config_lib.Config, total_steps: int):
 
 # ----------------------------------------------------------------------------- the teacher
 
-def load_teacher(path: str, ds: dict, dtype: torch.dtype):
+def load_teacher(path: str, ds: dict, dtype: torch.dtype, trust_remote_code: bool):
     """A Hugging Face causal LM, partitioned as it loads when ds is a ZeRO-3 config.
 
     Returns (model, hf_ds_config); keep the second alive as long as the model: transformers reads it
@@ -153,7 +157,7 @@ def load_teacher(path: str, ds: dict, dtype: torch.dtype):
     from transformers.integrations import HfDeepSpeedConfig
 
     hf_ds = HfDeepSpeedConfig(ds)  # noqa: F841 -- must exist while from_pretrained runs
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     return model, hf_ds
 
 
@@ -175,11 +179,11 @@ def split_teacher_head(model, kept_ids: list[int], path: str):
     return body, kept
 
 
-def teacher_parameters(teacher_config) -> int:
+def teacher_parameters(teacher_config, trust_remote_code: bool) -> int:
     """Parameter count of the teacher, from its config alone (built on the meta device: no memory)."""
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(teacher_config)
+        model = AutoModelForCausalLM.from_config(teacher_config, trust_remote_code=trust_remote_code)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -372,10 +376,46 @@ def consolidated_state(engine) -> dict:
     return {k: v.detach().cpu().clone() for k, v in state.items()} if is_main() else {}
 
 
+PARTIAL = ".partial"  # suffix of a checkpoint folder still being written
+
+
+def publish_checkpoint(folder: Path, tag: str) -> None:
+    """Rename folder/<tag>.partial to folder/<tag>, then point `latest` at it (atomically, fsynced)."""
+    final = folder / tag
+    shutil.rmtree(final, ignore_errors=True)  # a step saved again after a resume
+    os.replace(folder / (tag + PARTIAL), final)
+    pointer = folder / "latest.tmp"
+    with pointer.open("w") as handle:
+        handle.write(tag)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(pointer, folder / "latest")
+
+
 def prune_checkpoints(folder: Path, keep: int) -> None:
-    tags = sorted((p for p in folder.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
+    """Keep the newest `keep` complete checkpoints; drop older ones and any partial folder a crash left."""
+    for partial in folder.glob("step*" + PARTIAL):
+        shutil.rmtree(partial, ignore_errors=True)
+    tags = sorted((p for p in folder.glob("step*") if p.is_dir() and p.name[4:].isdigit()),
+                  key=lambda p: int(p.name[4:]))
     for old in tags[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+FAULT_ENV = "RK_DISTILL_FAULT"
+
+
+def fault(point: str, step: int) -> bool:
+    """Fault injection for tests/test_faults.py. $RK_DISTILL_FAULT holds comma-separated `ACTION:POINT@STEP`
+    items, e.g. `SIGKILL:in_save@6` (the process signals itself there: SIGKILL runs no handler, as when a node
+    dies) or `nan:loss@3` (returns True: the caller poisons its loss). Points: in_step, in_save, loss."""
+    for item in os.environ.get(FAULT_ENV, "").split(","):
+        action, _, where = item.rpartition(":")
+        if where == f"{point}@{step}":
+            if action.startswith("SIG"):
+                os.kill(os.getpid(), signal.Signals[action])
+            return True
+    return False
 
 
 # ----------------------------------------------------------------------------- export stage
@@ -413,8 +453,13 @@ class RunData:
 def prepare_data(stage: str, cfg: config_lib.Config, run: Path, world: int) -> RunData:
     """Teacher tokenizer, the student's vocabulary (reused from RUN when resuming), aligned examples."""
     from transformers import AutoConfig, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(cfg.train.teacher, trust_remote_code=False)
-    teacher_config = AutoConfig.from_pretrained(cfg.train.teacher)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.train.teacher, trust_remote_code=cfg.train.trust_remote_code)
+    teacher_config = AutoConfig.from_pretrained(cfg.train.teacher, trust_remote_code=cfg.train.trust_remote_code)
+    if len(tokenizer) > teacher_config.vocab_size:  # padded is normal (Qwen: 151,643 ids, 151,936 rows); short is not
+        raise data.VocabMismatchError(
+            f"{cfg.train.teacher}: the tokenizer has {len(tokenizer)} ids but the model has only "
+            f"{teacher_config.vocab_size} output rows; the tokenizer files belong to another model: use the ones "
+            "saved with this checkpoint")
     try:  # every problem in both splits is listed before step 1, not the first one at hour 30
         splits = data.load_splits(cfg.data.path, ("train", "valid"), cfg.data.on_bad_line, cfg.data.max_chars)
     except data.CorpusError as exc:
@@ -461,14 +506,14 @@ def build_models(stage: str, cfg: config_lib.Config, prepared: RunData, run: Pat
     dtype = torch.bfloat16 if use_bf16 else torch.float32
     if stage == "sft":
         trained_ds = deepspeed_config(cfg.train.ds_config, cfg, world, use_bf16, trained=True)
-        teacher, hf_ds = load_teacher(cfg.train.teacher, trained_ds, dtype)
+        teacher, hf_ds = load_teacher(cfg.train.teacher, trained_ds, dtype, cfg.train.trust_remote_code)
         return Models(build_engine(teacher, trained_ds, cfg, prepared.total_steps), hf_ds=hf_ds)
 
     teacher_ds = deepspeed_config(cfg.train.teacher_ds_config, cfg, world, use_bf16, trained=False)
-    parameters = teacher_parameters(prepared.teacher_config)
+    parameters = teacher_parameters(prepared.teacher_config, cfg.train.trust_remote_code)
     log.info(place_teacher(teacher_ds, cfg.distill.teacher_placement, parameters, dtype, world,
                            free_memory_per_rank(on_gpu)))
-    teacher, hf_ds = load_teacher(cfg.train.teacher, teacher_ds, dtype)
+    teacher, hf_ds = load_teacher(cfg.train.teacher, teacher_ds, dtype, cfg.train.trust_remote_code)
     body, rows = split_teacher_head(teacher, prepared.vocab.teacher_ids, cfg.train.teacher)
     teacher_engine, *_ = deepspeed.initialize(model=body, config=teacher_ds)
     teacher_engine.module.eval()
@@ -603,12 +648,18 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, request_stop)
 
     def save(tag_step: int) -> None:
+        """Every rank writes its shards under a partial name; once all are done rank 0 renames the folder
+        and only then moves `latest`: a crash at any point leaves the previous checkpoint the latest."""
         client = {"step": tag_step, "best_bleu": best_bleu, "evals_without_gain": evals_without_gain,
                   "history": history, "stage": args.stage}
-        engine.save_checkpoint(str(ckpt_dir), tag=f"step{tag_step}", client_state=client)
+        tag = f"step{tag_step}"
+        engine.save_checkpoint(str(ckpt_dir), tag=tag + PARTIAL, client_state=client, save_latest=False)
+        fault("in_save", tag_step)
         dist.barrier()
         if is_main():
+            publish_checkpoint(ckpt_dir, tag)
             prune_checkpoints(ckpt_dir, cfg.train.keep)
+        dist.barrier()
 
     # ---- the loop
     writer = SummaryWriter(str(run / "tb")) if is_main() else None
@@ -621,8 +672,8 @@ def main(argv: list[str] | None = None) -> None:
         while True:
             global_batches = data.make_batches(train_examples, cfg.train.micro_batch_size, cfg.data.tokens_per_batch,
                                                cfg.train.seed, epoch, world)
-            for indices in global_batches[rank::world][offset:batches_per_epoch]:
-                yield epoch, [train_examples[i] for i in indices]
+            for position, indices in enumerate(global_batches[rank::world][offset:batches_per_epoch], offset):
+                yield epoch, position, [train_examples[i] for i in indices]
             epoch, offset = epoch + 1, 0
 
     stream = micro_batches(step)
@@ -630,21 +681,31 @@ def main(argv: list[str] | None = None) -> None:
     if is_main():
         from tqdm import tqdm
         progress = tqdm(total=total_steps, initial=step, desc=args.stage, unit="step", dynamic_ncols=True)
-    bad_steps, started, first_step = 0, time.perf_counter(), step
+    bad_steps, skipped_total, started, first_step = 0, 0, time.perf_counter(), step
     while step < total_steps:
         # dropout and any sampling are seeded by (seed, step, rank): a resumed run replays the same noise
         torch.manual_seed(cfg.train.seed + step * world + rank)
         timings = {"teacher": 0.0, "student": 0.0}
         sums, counts = [0.0, 0.0, 0.0], [0, 0, 0, 0]  # counts: target, source, teacher and padded tokens
         step_start = time.perf_counter()
+        skipped = None  # why this step changed no weights, if it did not
         for _ in range(micro_per_step):
-            epoch, examples = next(stream)
+            epoch, position, examples = next(stream)
             batch = to_device(data.collate(examples, builder.pad_id, builder.bos_id, vocab.student_of,
                                            tokenizer.pad_token_id), device)
             parts = step_loss(args.stage, models, batch, cfg, timings)
+            if fault("loss", step + 1) and rank == 0:
+                parts = parts._replace(total=parts.total * float("nan"))
             start = time.perf_counter()
-            engine.backward(parts.total)
-            engine.step()
+            # every rank must agree, or one would run backward's collectives alone and hang
+            if any_rank(not bool(torch.isfinite(parts.total.detach())), device):
+                skipped = f"non-finite loss at step {step + 1}, epoch {epoch} batch {position}"
+            else:
+                engine.backward(parts.total)
+                fault("in_step", step + 1)
+                engine.step()  # DeepSpeed itself skips the update when the gradient norm is not finite
+                if not math.isfinite(float(engine.get_global_grad_norm() or 0.0)):
+                    skipped = f"non-finite gradient at step {step + 1}, epoch {epoch} batch {position}"
             timings["student" if args.stage == "distill" else "teacher"] += time.perf_counter() - start
             sums = [s + float(v.detach()) for s, v in zip(sums, (parts.total, parts.kd, parts.ce))]
             counts = [c + n for c, n in zip(counts, (parts.tokens, int(batch["source_mask"].sum()),
@@ -652,15 +713,16 @@ def main(argv: list[str] | None = None) -> None:
                                                      batch["labels"].numel() + batch["source_ids"].numel()))]
         step += 1
         total, kd, ce, *counts_all = mean_across_ranks([s / micro_per_step for s in sums] + counts, device)
-        finite = math.isfinite(total)
-        bad_steps = 0 if finite else bad_steps + 1
+        bad_steps = bad_steps + 1 if skipped else 0
+        skipped_total += bool(skipped)
         elapsed = time.perf_counter() - step_start
         if writer:
             target_all, source_all, teacher_all, padded_all = (c * world for c in counts_all)
             tokens_per_s = (target_all + source_all) / elapsed
             flops_per_s = models.flops(teacher_all, source_all, target_all) / elapsed if models.flops else 0.0
             record(run, {"step": step, "loss": total, "kd": kd, "ce": ce, "lr": engine.get_lr()[0],
-                         "tokens_per_s": tokens_per_s, "tflops": flops_per_s / 1e12})
+                         "tokens_per_s": tokens_per_s, "tflops": flops_per_s / 1e12,
+                         **({"skipped": skipped} if skipped else {})})
             grad_norm = engine.get_global_grad_norm()
             scalars = [("loss/total", total), ("loss/kd", kd), ("loss/ce", ce), ("lr", engine.get_lr()[0]),
                        ("grad_norm", float(grad_norm or 0.0)), ("throughput/tokens_per_s", tokens_per_s),
@@ -668,15 +730,19 @@ def main(argv: list[str] | None = None) -> None:
                        ("data/padding_fraction", 1 - (target_all + source_all) / max(padded_all, 1)),
                        ("time/teacher_ms", timings["teacher"] * 1000),
                        ("time/student_ms", timings["student"] * 1000),
-                       ("memory/max_allocated_gb", max_memory_gb(accelerator, on_gpu))]
+                       ("memory/max_allocated_gb", max_memory_gb(accelerator, on_gpu)),
+                       ("faults/skipped_steps", skipped_total)]
             if models.flops:
                 scalars.append(("throughput/tflops_per_gpu", flops_per_s / world / 1e12))
                 if peak:
                     scalars.append(("throughput/mfu", flops_per_s / world / peak))
             for name, value in scalars:
-                writer.add_scalar(name, value, step)
+                if math.isfinite(value):
+                    writer.add_scalar(name, value, step)
             progress.update(1)
             progress.set_postfix(loss=f"{total:.3f}", kd=f"{kd:.3f}", ce=f"{ce:.3f}")
+            if skipped:
+                log.warning("skipped the update: %s (%d in a row, %d in all)", skipped, bad_steps, skipped_total)
             if step % cfg.train.log_every == 0 or step == 1:
                 eta = (time.perf_counter() - started) / (step - first_step) * (total_steps - step)
                 log.info("step %d/%d | epoch %d | loss %.4f kd %.4f ce %.4f | lr %.2e | %.0f tok/s %s| "
@@ -685,8 +751,9 @@ def main(argv: list[str] | None = None) -> None:
                          f"MFU {flops_per_s / world / peak:.1%} " if peak and models.flops else "",
                          timings["teacher"] * 1000, timings["student"] * 1000, eta)
         if bad_steps >= cfg.train.max_bad_steps:
-            raise SystemExit(f"train_ds.py: {bad_steps} non-finite losses in a row ending at step {step}; "
-                             f"the last checkpoint in {ckpt_dir} is untouched. Lower --lr or check the data.")
+            raise SystemExit(f"train_ds.py: {bad_steps} steps in a row skipped, the last: {skipped}. The last "
+                             f"checkpoint in {ckpt_dir} is untouched; resume from it with a lower --lr, or look "
+                             "at that batch's data.")
 
         last_step = step >= total_steps
         if args.halt_at and step >= args.halt_at:
@@ -751,4 +818,7 @@ def max_memory_gb(accelerator, on_gpu: bool) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (config_lib.ConfigError, data.CorpusError, data.VocabMismatchError) as exc:
+        sys.exit(f"train_ds.py: {exc}")  # a start-up problem the message explains: no traceback

@@ -59,6 +59,7 @@ class Architecture:
     kv_heads: int
     intermediate: int
     max_positions: int = 512
+    model_vocab: int = 0  # output rows; 0 = the tokenizer's length padded to a multiple of VOCAB_MULTIPLE
 
     def describe(self) -> str:
         return (f"hidden {self.hidden}, {self.layers} layers, {self.heads} heads ({self.kv_heads} KV), "
@@ -68,8 +69,12 @@ class Architecture:
 SIZES = {
     "tiny": Architecture(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=384),
     "small": Architecture(hidden=256, layers=4, heads=8, kv_heads=4, intermediate=768),
+    # benchmark shapes (bench/train_step.py): speed only, never trained
+    "medium": Architecture(hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408),
+    "qwen1.5-1.8b": Architecture(hidden=2048, layers=24, heads=16, kv_heads=16, intermediate=5504,
+                                 max_positions=4096, model_vocab=151936),
 }
-DEFAULT_VOCAB = {"tiny": 6000, "small": 8000}
+DEFAULT_VOCAB = {"tiny": 6000, "small": 8000, "medium": 8000, "qwen1.5-1.8b": 8000}
 
 
 class TextPair(Protocol):
@@ -187,7 +192,7 @@ def build_teacher(pairs: Iterable[TextPair], out_dir: str | Path, size: str = "t
     log.info("tokenizer: %d tokens from %d pairs in %.1fs", len(tokenizer), len(pairs), time.perf_counter() - started)
 
     pad_id, eos_id = tokenizer.convert_tokens_to_ids([PAD_TOKEN, EOS_TOKEN])
-    model = random_qwen2(arch, padded_vocab_size(len(tokenizer)), pad_id, eos_id, seed)
+    model = random_qwen2(arch, arch.model_vocab or padded_vocab_size(len(tokenizer)), pad_id, eos_id, seed)
     save_folder(tokenizer, model, out_dir)
     log.info("saved %s in %.1fs", out_dir, time.perf_counter() - started)
     return TeacherInfo(out_dir, model.num_parameters(), len(tokenizer), model.config.vocab_size, size)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import struct
 import subprocess
 import sys
@@ -78,3 +81,115 @@ def tiny_teacher(small_corpus, tmp_path_factory) -> Path:
 def tokenizer(tiny_teacher):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(tiny_teacher)
+
+
+# --------------------------------------------------------------------------- one tiny training run, shared
+# A quickstart-shaped run folder (RUN/sft, RUN/distill) trained once per session on 2 CPU ranks and shared by
+# test_train_ds.py (training, resume, export), test_report.py (the report rendered from its files) and
+# test_scripts.py (the README's launch scripts). The teacher fine-tuning goes through scripts/run_teacher_sft.sh,
+# the README's command; the distillation launches train_ds.py directly because it is the reference that
+# test_resume_is_exact compares a resumed `launch(*DISTILL)` run against.
+
+COMMON = ["--micro_batch_size", "8", "--data.valid_subset", "8", "--log_every", "5", "--save_every", "100"]
+SFT = ["--max_steps", "12", "--eval_every", "12", *COMMON]
+DISTILL = ["--stage", "distill", "--max_steps", "24", "--eval_every", "12", "--lr", "3e-3", "--warmup_steps", "4",
+           "--data.vocab_size", "600", *COMMON]
+
+
+def free_port() -> int:
+    """A port nobody listens on now (each launch gets its own, so parallel or back-to-back runs never share one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(*args: str, fault: str = "", check: bool = True) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus 2 train_ds.py ARGS` on two CPU ranks; fault sets $RK_DISTILL_FAULT (train_ds.fault)."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           "train_ds.py", *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "RK_DISTILL_FAULT": fault})
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+# What scripts/*.sh read from the environment: only the values a test passes may reach them.
+SCRIPT_VARIABLES = ("TEACHER", "DATA", "OUT", "PRESET", "DS_CONFIG", "TEACHER_DS_CONFIG", "MICRO_BATCH", "GRAD_ACCUM",
+                    "LR", "EPOCHS", "KD_LOSS", "NUM_GPUS", "HOSTFILE", "NUM_NODES", "MASTER_ADDR", "MASTER_PORT",
+                    "LAUNCHER_ARGS", "DEEPSPEED", "DRY_RUN", "HOST", "RUN", "DIST", "SFT_STEPS", "DISTILL_STEPS")
+
+
+def run_script(script: str, env: dict[str, str], *args: str, timeout: int = 600,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """`VAR=... bash scripts/SCRIPT ARGS` as a person types it (from any folder: the scripts cd to the repository)."""
+    inherited = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARIABLES}
+    result = subprocess.run(["bash", str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
+                            timeout=timeout, env={**inherited, "PYTHONUNBUFFERED": "1", **env})
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    losses = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if "eval" not in entry:
+            losses[entry["step"]] = entry["loss"]
+    return losses
+
+
+@pytest.fixture(scope="session")
+def run_root(tmp_path_factory) -> Path:
+    """The shared run folder: sft/ and distill/ appear in it as their fixtures are used."""
+    return tmp_path_factory.mktemp("run")
+
+
+@pytest.fixture(scope="session")
+def sft_run(run_root, tiny_teacher, small_corpus) -> Path:
+    """12 teacher fine-tuning steps through scripts/run_teacher_sft.sh; its output is kept in RUN/sft.launch.log."""
+    run = run_root / "sft"
+    result = run_script("run_teacher_sft.sh", {
+        "TEACHER": str(tiny_teacher), "DATA": str(small_corpus), "OUT": str(run), "NUM_GPUS": "2",
+        "MASTER_PORT": str(free_port()), "MICRO_BATCH": "8", "GRAD_ACCUM": "1", "LR": "3e-3"}, *SFT)
+    (run_root / "sft.launch.log").write_text(result.stdout + result.stderr)
+    return run
+
+
+@pytest.fixture(scope="session")
+def distill_run(run_root, sft_run, small_corpus) -> Path:
+    """24 distillation steps of the tiny student from the fine-tuned teacher, evaluated at steps 12 and 24."""
+    run = run_root / "distill"
+    launch(*DISTILL, "--teacher", str(sft_run / "final"), "--data", str(small_corpus), "--out", str(run))
+    return run
+
+
+@pytest.fixture(scope="session")
+def student_folder(tokenizer, small_corpus, tmp_path_factory) -> Path:
+    """A tiny untrained student saved as train_ds.py exports one (weights, tokenizer, vocab_map.json).
+
+    Its matrices are drawn wider than the model's own init: at that init the residual stream carries the input
+    token through, so every step re-emits bos and every translation is empty. Wider weights make the output depend
+    on the source, so tests can tell translations apart.
+    """
+    import torch
+
+    from model import StudentConfig, StudentForTranslation
+    pairs = data.read_pairs(small_corpus / "train.jsonl")
+    vocab = data.build_vocab_map(tokenizer, [p.zh for p in pairs] + [p.en for p in pairs], 600, 832)
+    builder = data.ExampleBuilder(tokenizer, vocab, 24, 24)
+    torch.manual_seed(0)
+    model = StudentForTranslation(StudentConfig(vocab_size=vocab.size, d_model=32, n_heads=4, encoder_layers=1,
+                                                decoder_layers=1, ffn_dim=64, max_source_len=24, max_target_len=24,
+                                                pad_token_id=builder.pad_id, bos_token_id=builder.bos_id,
+                                                eos_token_id=builder.eos_id))
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if weight.dim() == 2 and "embed" not in name:
+                weight.normal_(std=0.5)
+    folder = tmp_path_factory.mktemp("student")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    vocab.save(folder)
+    return folder

@@ -1,62 +1,13 @@
 """A real 2-rank CPU DeepSpeed ZeRO-3 run: teacher fine-tuning, distillation, exact resume, export."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 import torch
 
 import data
-from conftest import ROOT
-
-COMMON = ["--micro_batch_size", "8", "--data.valid_subset", "8", "--log_every", "5", "--save_every", "100"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           "train_ds.py", *args]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def step_losses(run: Path) -> dict[int, float]:
-    losses = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        entry = json.loads(line)
-        if "eval" not in entry:
-            losses[entry["step"]] = entry["loss"]
-    return losses
-
-
-@pytest.fixture(scope="module")
-def sft_run(tiny_teacher, small_corpus, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "sft"
-    launch("--stage", "sft", "--teacher", str(tiny_teacher), "--data", str(small_corpus), "--out", str(run),
-           "--max_steps", "12", "--eval_every", "12", "--lr", "3e-3", *COMMON)
-    return run
-
-
-DISTILL = ["--stage", "distill", "--max_steps", "24", "--eval_every", "12", "--lr", "3e-3", "--warmup_steps", "4",
-           "--data.vocab_size", "600", *COMMON]
-
-
-@pytest.fixture(scope="module")
-def distill_run(sft_run, small_corpus, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "distill"
-    launch(*DISTILL, "--teacher", str(sft_run / "final"), "--data", str(small_corpus), "--out", str(run))
-    return run
+from conftest import DISTILL, ROOT, launch, step_losses  # the sft_run/distill_run fixtures live in conftest.py
 
 
 def test_sft_exports_a_teacher_folder(sft_run):
