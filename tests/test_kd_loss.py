@@ -144,3 +144,28 @@ def test_auto_chunk_size_shrinks_with_the_vocabulary():
     cfg = config("forward_kl")
     assert chunk_size(cfg, 8000) > chunk_size(cfg, 151936) >= 1
     assert chunk_size(dataclasses.replace(cfg, chunk_tokens=64), 151936) == 64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak memory is read from the CUDA allocator")
+def test_peak_memory_follows_the_chunk_not_the_tokens():
+    """At one chunk size (auto: ~55 tokens at this vocabulary), 4x the tokens adds only the inputs' own
+    gradient, never [tokens, vocab] logits."""
+    vocab, width = 151936, 512
+    cfg = DistillConfig(kd_loss="forward_kl", alpha=0.5, temperature=1.0)
+    weight = (torch.randn(vocab, width, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
+    t_weight = torch.randn(vocab, width, device="cuda", dtype=torch.bfloat16) * 0.02
+    extra = {}
+    for tokens in (2048, 8192):
+        hidden = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        t_hidden = torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16)
+        labels = torch.randint(0, vocab, (tokens,), device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fused_distill_loss(hidden, weight, t_hidden, t_weight, labels, cfg).total.backward()
+        torch.cuda.synchronize()
+        extra[tokens] = torch.cuda.max_memory_allocated() - base
+        weight.grad = None
+    grad_growth = (8192 - 2048) * width * 2 * 2  # grad of the hidden states, saved and returned (bf16)
+    assert extra[8192] - extra[2048] <= grad_growth + 2 ** 20
+    assert extra[8192] < 2 ** 30  # the issue's bound at 8,192 tokens
