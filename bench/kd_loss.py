@@ -20,11 +20,12 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from results_io import write_results  # noqa: E402 -- bench/ is sys.path[0]
 
 
 @dataclass(frozen=True)
@@ -155,13 +156,8 @@ def main() -> None:
     machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or 'cpu'}, " \
         f"{torch.get_num_threads()} threads"
     print(table(rows))
-    out = args.json or ROOT / "bench" / "results" / f"kd_loss-{shapes}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"bench": "kd_loss", "date": date.today().isoformat(), "machine": machine,
-                               "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows},
-                              indent=2) + "\n")
-    print(f"wrote {out}")
-
+    write_results(f"kd_loss-{shapes}", args.json,
+                  {"machine": machine, "torch": torch.__version__, "rows": rows})
 
 if __name__ == "__main__":
     main()

@@ -20,13 +20,14 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 CACHE = ROOT / "bench" / ".cache"
+
+from results_io import write_results  # noqa: E402 -- bench/ is sys.path[0]
 
 
 @dataclass(frozen=True)
@@ -203,13 +204,7 @@ def main() -> None:
     corpus, teacher = prepare_inputs(setting)
     rows = [run_job(setting, placement, corpus, teacher, ranks) for placement in args.placements.split(",")]
     print(table(rows))
-    out = args.json or ROOT / "bench" / "results" / f"train_step-{shape}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"bench": "train_step", "date": date.today().isoformat(), "shape": shape,
-                               "setting": setting.__dict__, "command": " ".join(sys.argv), "rows": rows},
-                              indent=2) + "\n")
-    print(f"wrote {out}")
-
+    write_results(f"train_step-{shape}", args.json, {"shape": shape, "setting": setting.__dict__, "rows": rows})
 
 if __name__ == "__main__":
     main()
