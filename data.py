@@ -664,6 +664,75 @@ def make_batches(examples: Sequence[Example], micro_batch_size: int, tokens_per_
     return batches[:usable]
 
 
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a stream resumes: the epoch, the index into that epoch's window order, and this rank's next batch
+    within the window. Saved with every checkpoint (train_ds.py) so a resumed run reads on from there."""
+    epoch: int = 0
+    window: int = 0
+    batch: int = 0
+
+
+class ExampleStream:
+    """Micro-batches of a large corpus in a `datasets` folder (save_to_disk: memory-mapped Arrow), read one
+    window of rows at a time, so a rank's memory follows the window, not the corpus (WMT19 zh-en is 26M pairs).
+
+    Windows are visited in a shuffled order per epoch. Every rank reads the same window and builds the same
+    batches (make_batches is deterministic) and keeps its own share: every rank runs the same number of
+    steps, which ZeRO-3 needs, and a rank tokenizes only one window at a time. Bad rows are checked window by
+    window under the same rules and policy as files (check the whole corpus first with `load_splits` when it
+    fits in memory).
+    """
+
+    def __init__(self, path: str | Path, builder: "ExampleBuilder", directions: Sequence[str], window_rows: int,
+                 micro_batch_size: int, tokens_per_batch: int, seed: int, world_size: int, rank: int,
+                 on_bad_line: str = "error", max_chars: int = MAX_CHARS):
+        import datasets
+        loaded = datasets.load_from_disk(str(path))
+        self.table = loaded[_hf_split(loaded, "train", str(path))] if isinstance(loaded, datasets.DatasetDict) \
+            else loaded
+        self.origin, self.builder, self.directions = str(path), builder, list(directions)
+        self.window_rows, self.micro_batch_size, self.tokens_per_batch = window_rows, micro_batch_size, \
+            tokens_per_batch
+        self.seed, self.world_size, self.rank = seed, world_size, rank
+        self.on_bad_line, self.max_chars = on_bad_line, max_chars
+        self.windows = max(1, -(-len(self.table) // window_rows))
+        self.skipped: Counter = Counter()  # bad rows dropped so far, by reason (on_bad_line skip)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def _window_order(self, epoch: int) -> list[int]:
+        order = list(range(self.windows))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def _window_examples(self, window: int) -> list[Example]:
+        start = window * self.window_rows
+        columns = self.table[start:start + self.window_rows]  # one slice of the memory map, as columns
+        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        result = _validate(self.origin, ((start + i + 1, _pair_from_record(row)) for i, row in enumerate(rows)),
+                           self.max_chars, "row", self.origin)
+        enforce([result], self.on_bad_line)
+        self.skipped.update(result.counts)
+        return self.builder.examples(result.pairs, self.directions)[0]
+
+    def batches(self, start: StreamPosition = StreamPosition()) -> Iterator[tuple[StreamPosition, list[Example]]]:
+        """This rank's micro-batches from `start` on, forever (epochs reshuffle), each with the position that
+        follows it."""
+        epoch, first_window, first_batch = start.epoch, start.window, start.batch
+        while True:
+            order = self._window_order(epoch)
+            for slot in range(first_window, len(order)):
+                examples = self._window_examples(order[slot])
+                mine = make_batches(examples, self.micro_batch_size, self.tokens_per_batch, self.seed,
+                                    epoch * self.windows + order[slot], self.world_size)[self.rank::self.world_size]
+                for index in range(first_batch, len(mine)):
+                    yield StreamPosition(epoch, slot, index + 1), [examples[i] for i in mine[index]]
+                first_batch = 0
+            epoch, first_window = epoch + 1, 0
+
+
 def collate(examples: Sequence[Example], pad_id: int, bos_id: int, student_of: dict[int, int],
             teacher_pad_id: int) -> dict[str, list[list[int]] | list[int]]:
     """Pad a batch into aligned student and teacher tensors (as nested lists; torch-free).

@@ -321,7 +321,7 @@ def load_student(folder: Path) -> tuple[StudentForTranslation, data.ExampleBuild
 
     if not (folder / "config.json").is_file():
         raise ExportError(f"{folder}: no config.json; give a student folder (RUN/final or train_ds.py export)")
-    student = StudentForTranslation.from_pretrained(folder).eval()
+    student = StudentForTranslation.from_pretrained(folder, use_safetensors=True).eval()  # never a pickle
     tokenizer = AutoTokenizer.from_pretrained(folder)
     vocab = data.VocabMap.load(folder)
     vocab.check_tokenizer(tokenizer, str(folder))

@@ -3,6 +3,9 @@
     python -m inference.evaluate --model runs/quickstart/distill/final --test data/catalogs/test.jsonl \
         --direction zh-en --json
     python -m inference.evaluate --model dist/rv1126b --backend onnx      # a deploy output folder (DIST)
+
+A source over the model's limit is left out and counted (skipped_too_long); with --split_long it is translated
+sentence by sentence instead and counted in split_too_long. Nothing is truncated.
 """
 
 from __future__ import annotations
@@ -15,23 +18,20 @@ import time
 import data
 from inference import backends
 from inference.metrics import score
-from inference.translator import InputTooLongError, Translator
+from inference.translator import Translator
 
 
 def evaluate(translator: Translator, pairs: list[data.Pair], direction: str, num_beams: int = 1) -> dict:
     src_lang, tgt_lang = direction.split("-")
-    usable = []
-    for pair in pairs:  # sentences longer than the model's limit are reported, not truncated
-        try:
-            translator.source_ids(pair.side(src_lang))
-            usable.append(pair)
-        except InputTooLongError:
-            continue
+    fits = [translator.fits(p.side(src_lang)) for p in pairs]
+    too_long = fits.count(False)
+    usable = pairs if translator.split_long else [p for p, ok in zip(pairs, fits) if ok]
     start = time.perf_counter()
     hyps = translator.translate([p.side(src_lang) for p in usable], direction, num_beams)
     elapsed = time.perf_counter() - start
     result = score(hyps, [p.side(tgt_lang) for p in usable], tgt_lang)
     result.update(direction=direction, skipped_too_long=len(pairs) - len(usable),
+                  split_too_long=too_long if translator.split_long else 0,
                   ms_per_sentence=round(1000 * elapsed / max(1, len(usable)), 2), params=translator.parameters,
                   examples=[{"source": p.side(src_lang), "hypothesis": h, "reference": p.side(tgt_lang)}
                             for p, h in list(zip(usable, hyps))[:5]])
@@ -57,13 +57,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch (default; --model is a student or teacher folder), or onnx, onnx-int8, "
                              "rknn-sim[:PRECISION] (--model is a deploy output folder; rknn-sim defaults to the "
                              "precision deploy chose and needs .venv-rknn)")
+    parser.add_argument("--split_long", action="store_true",
+                        help="translate sources over the model's length limit sentence by sentence "
+                             "(default: leave them out and count them in skipped_too_long)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a summary line")
     args = parser.parse_args(argv)
     try:
         pairs = data.read_pairs(args.test, on_bad_line="skip")
         pairs = pairs[:args.limit] if args.limit else pairs
-        translator = Translator(args.model, args.device, backend=args.backend)
+        translator = Translator(args.model, args.device, backend=args.backend, split_long=args.split_long)
         result = evaluate(translator, pairs, args.direction, args.num_beams)
+        result["test"] = str(args.test)  # names the split in a model card (inference.model_card --eval)
     except (data.CorpusError, data.VocabMismatchError, FileNotFoundError, backends.BackendError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2

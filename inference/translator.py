@@ -4,6 +4,9 @@ A student folder (config.json with model_type rk_student, vocab_map.json) runs t
 other folder is treated as a Qwen causal LM and prompted with its chat template, exactly as in training.
 With backend onnx, onnx-int8 or rknn-sim the folder is a deploy output (DIST, see inference/backends.py) and the
 exported graphs decode greedily, one sentence at a time as on the board.
+
+A text over the model's source limit is never truncated: it is refused (InputTooLongError), or with split_long=True
+translated sentence by sentence (inference/splitting.py) and the pieces joined again.
 """
 
 from __future__ import annotations
@@ -16,13 +19,21 @@ from typing import Sequence
 import torch
 
 import data
-from inference import backends
+from config import DIRECTIONS
+from inference import backends, splitting
 
 log = logging.getLogger(__name__)
 
 
 class InputTooLongError(ValueError):
-    """A sentence has more tokens than the model accepts."""
+    """A text has more tokens than the model accepts; index is its place in the list given to translate()."""
+
+    def __init__(self, tokens: int, limit: int, text: str, index: int | None = None):
+        self.tokens, self.limit, self.text, self.index = tokens, limit, text, index
+        which = "input" if index is None else f"input {index + 1}"
+        preview = text if len(text) <= 40 else text[:40] + "..."
+        super().__init__(f"{which} ({preview!r}) has {tokens} tokens, the model takes at most {limit}: "
+                         "pass --split_long (Translator(..., split_long=True)) to split it by sentence")
 
 
 def is_student_folder(folder: str | Path) -> bool:
@@ -46,13 +57,18 @@ def teacher_generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new
 
 
 class Translator:
-    """Load a model folder once, translate many sentences (batched, greedy or beam)."""
+    """Load a model folder once, translate many sentences (batched, greedy or beam).
 
-    def __init__(self, folder: str | Path, device: str = "cpu", max_len: int | None = None, backend: str = "torch"):
+    split_long: translate a text over the source limit sentence by sentence instead of refusing it.
+    """
+
+    def __init__(self, folder: str | Path, device: str = "cpu", max_len: int | None = None, backend: str = "torch",
+                 split_long: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         import model as student_lib
         self.folder = Path(folder)
+        self.split_long = split_long
         self.backend = backends.check_backend(backend)
         self.decoder: backends.Decoder | None = None
         if backend != "torch":
@@ -64,7 +80,9 @@ class Translator:
         self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         self.is_student = is_student_folder(folder)
         if self.is_student:
-            self.model = student_lib.StudentForTranslation.from_pretrained(folder).to(self.device).eval()
+            # safetensors only: a pickled pytorch_model.bin from elsewhere could run code when loaded
+            self.model = student_lib.StudentForTranslation.from_pretrained(folder, use_safetensors=True).to(
+                self.device).eval()
             vocab = data.VocabMap.load(folder)
             vocab.check_tokenizer(self.tokenizer, str(folder))
             cfg = self.model.config
@@ -92,39 +110,79 @@ class Translator:
         self.parameters = meta.parameters
         self.decoder = backends.open_decoder(self.folder, backend, progress=True)
 
+    def token_count(self, text: str) -> int:
+        """Source tokens of text as the model sees it (the limit applies to this number)."""
+        return len(self.builder.student_ids(text.strip()))
+
+    def fits(self, text: str) -> bool:
+        return self.token_count(text) <= self.max_source_len
+
     def source_ids(self, text: str) -> list[int]:
         ids = self.builder.student_ids(text.strip())
         if len(ids) > self.max_source_len:
-            raise InputTooLongError(f"input has {len(ids)} tokens, the model takes at most {self.max_source_len}: "
-                                    f"{text[:40]!r}...; shorten it or split it into sentences")
+            raise InputTooLongError(len(ids), self.max_source_len, text)
         return ids
 
+    def pieces(self, text: str, index: int | None = None) -> list[str]:
+        """[text] when it fits; with split_long its sentences, cut further where one is still too long."""
+        tokens = self.token_count(text)
+        if tokens <= self.max_source_len:
+            return [text]
+        if not self.split_long:
+            raise InputTooLongError(tokens, self.max_source_len, text, index)
+        pieces = splitting.split_to_fit(text, self.token_count, self.max_source_len)
+        log.debug("input %s: %d tokens > %d, translated in %d pieces", index, tokens, self.max_source_len,
+                  len(pieces))
+        return pieces
+
     def translate(self, texts: Sequence[str], direction: str, num_beams: int = 1, batch_size: int = 32) -> list[str]:
-        if direction not in ("zh-en", "en-zh"):
-            raise ValueError(f"direction must be zh-en or en-zh, got {direction!r}")
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        results: list[str] = [""] * len(texts)
+        """One translation per text. Every text is checked before any is translated, so a refusal costs nothing."""
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+        pieces, owners = [], []
+        for index, text in enumerate(texts):
+            for piece in self.pieces(text, index):
+                pieces.append(piece)
+                owners.append(index)
+        order = sorted(range(len(pieces)), key=lambda i: len(pieces[i]))
+        translated: list[str] = [""] * len(pieces)
+        cut_off = 0
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            for i, text in zip(chunk, self._translate_batch([texts[i] for i in chunk], direction, num_beams)):
-                results[i] = text
-        return results
+            outputs, cut = self._translate_batch([pieces[i] for i in chunk], direction, num_beams)
+            cut_off += cut
+            for i, text in zip(chunk, outputs):
+                translated[i] = text
+        if cut_off:
+            log.warning("%d of %d translations reached the model's limit of %d target tokens without an end token "
+                        "and may be cut off; shorter inputs avoid this (--split_long splits by sentence)", cut_off,
+                        len(pieces), self.max_target_len)
+        # Chinese is written without spaces between sentences, English with one.
+        joiner = "" if direction.endswith("-zh") else " "
+        parts: list[list[str]] = [[] for _ in texts]
+        for owner, text in zip(owners, translated):
+            if text.strip():
+                parts[owner].append(text.strip())
+        return [joiner.join(p) for p in parts]
 
-    def _translate_batch(self, texts: Sequence[str], direction: str, num_beams: int) -> list[str]:
+    def _translate_batch(self, texts: Sequence[str], direction: str, num_beams: int) -> tuple[list[str], int]:
+        """Translations of texts that fit, and how many of them stopped at max_target_len (students only)."""
         if not self.is_student:
             prompts = [self.builder.prompt_text(t.strip(), direction) for t in texts]
             ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-            return teacher_generate(self.model, self.tokenizer, ids, self.max_target_len, self.device)
+            return teacher_generate(self.model, self.tokenizer, ids, self.max_target_len, self.device), 0
         sources = [self.source_ids(t) for t in texts]
         if self.decoder is not None:
             if num_beams > 1:
                 raise ValueError(f"backend {self.backend} decodes greedily only; use num_beams=1")
             out = self.decoder.decode(sources, [data.direction_index(direction)] * len(sources))
-            return [self.builder.decode(row) for row in out]
-        width = max(len(s) for s in sources)
-        pad = self.builder.pad_id
-        source = torch.tensor([s + [pad] * (width - len(s)) for s in sources], device=self.device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources], device=self.device)
-        direction_ids = torch.full((len(texts),), data.direction_index(direction), device=self.device)
-        out = self.model.generate(source, mask, direction_ids, num_beams=num_beams)
-        return [self.builder.decode(row) for row in out]
+        else:
+            width = max(len(s) for s in sources)
+            pad = self.builder.pad_id
+            source = torch.tensor([s + [pad] * (width - len(s)) for s in sources], device=self.device)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sources], device=self.device)
+            direction_ids = torch.full((len(texts),), data.direction_index(direction), device=self.device)
+            out = self.model.generate(source, mask, direction_ids, num_beams=num_beams)
+        # Both decoders drop the end token, so a row as long as the limit is one that never produced it.
+        cut = sum(len(row) >= self.max_target_len for row in out)
+        return [self.builder.decode(row) for row in out], cut

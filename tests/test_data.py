@@ -1,5 +1,7 @@
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -311,3 +313,58 @@ def test_batches_are_deterministic_and_even(builder, small_corpus):
     for batch in budget:
         longest = max(len(examples[i].source_ids) + len(examples[i].target_ids) for i in batch)
         assert longest * len(batch) <= 400 or len(batch) == 1
+
+
+# --------------------------------------------------------------------------- streaming a large Arrow corpus
+
+def rss_mib() -> float:
+    """Resident memory now (not the peak), from /proc."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+@pytest.fixture(scope="module")
+def arrow_corpus(tmp_path_factory) -> Path:
+    """200,000 distinct synthetic pairs saved with datasets.save_to_disk (train) plus a small validation split."""
+    import datasets
+    count = 200_000
+    zh = [f"第{i}号文件已保存到磁盘" for i in range(count)]
+    en = [f"File number {i} was saved to disk" for i in range(count)]
+    out = tmp_path_factory.mktemp("arrow") / "corpus"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"zh": zh, "en": en}),
+        "validation": datasets.Dataset.from_dict({"zh": zh[:50], "en": en[:50]}),
+    }).save_to_disk(str(out))
+    return out
+
+
+def stream_for(path: Path, tokenizer, rank: int = 0) -> data.ExampleStream:
+    vocab = data.VocabMap.full(tokenizer, len(tokenizer))
+    builder = data.ExampleBuilder(tokenizer, vocab, 48, 48)
+    return data.ExampleStream(path, builder, ["zh-en"], window_rows=10_000, micro_batch_size=64,
+                              tokens_per_batch=0, seed=3, world_size=2, rank=rank)
+
+
+def test_stream_memory_stays_flat_over_200k_pairs(arrow_corpus, tokenizer):
+    stream = stream_for(arrow_corpus, tokenizer)
+    assert len(stream) == 200_000 and stream.windows == 20
+    readings, sentences = {}, 0
+    for position, batch in stream.batches():
+        sentences += len(batch)
+        if position.batch == 1:  # the first batch of each window
+            readings[position.window] = rss_mib()
+        if position.epoch == 1:
+            break
+    assert sentences >= 99_000  # this rank's half of one epoch (batches are a multiple of the world size)
+    assert readings[19] - readings[2] < 40, readings  # MiB over 17 windows (170,000 rows) read after warm-up
+
+
+def test_stream_resumes_at_its_saved_position(arrow_corpus, tokenizer):
+    first = stream_for(arrow_corpus, tokenizer).batches()
+    for _ in range(160):  # past the first window (10,000 rows -> 78 batches of 64 per rank)
+        position, _ = next(first)
+    expected = [[ex.source_ids for ex in batch] for _, batch in (next(first) for _ in range(3))]
+    resumed = stream_for(arrow_corpus, tokenizer).batches(position)
+    assert [[ex.source_ids for ex in batch] for _, batch in (next(resumed) for _ in range(3))] == expected
+    other_rank = next(stream_for(arrow_corpus, tokenizer, rank=1).batches())[1]
+    first_rank = next(stream_for(arrow_corpus, tokenizer).batches())[1]
+    assert {ex.source_text for ex in other_rank}.isdisjoint(ex.source_text for ex in first_rank)

@@ -3,7 +3,9 @@ pre-emption (SIGTERM, SIGINT), a killed node (SIGKILL in the middle of a step an
 non-finite losses, and mismatched models or configs at start-up. Faults are injected with
 $RK_DISTILL_FAULT (train_ds.fault) so each lands at an exact step.
 
-Bad corpus lines are covered in test_data.py, untrusted files in test_inference.py and test_runtime.py.
+Untrusted files are tried at the end: a pickled student, a teacher folder with its own Python code, a config
+file that points outside the project (the C runner's fuzzing is in test_runtime.py, bad corpus lines in
+test_data.py).
 """
 
 import json
@@ -122,3 +124,57 @@ def test_teacher_with_fewer_rows_than_its_tokenizer_is_refused(tiny_teacher, sma
     assert result.returncode != 0
     assert "the tokenizer has 800 ids but the model has only 500 output rows" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+class Payload:
+    """Unpickling this would create `marker`: the proof that loading a pickle ran code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickled_student_is_never_loaded(student_folder, tmp_path):
+    import shutil
+
+    import torch
+
+    from inference import Translator
+    folder = tmp_path / "student"
+    shutil.copytree(student_folder, folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "code-ran"
+    torch.save({"payload": Payload(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(OSError, match="model.safetensors"):
+        Translator(folder)
+    assert not marker.exists()
+
+
+def test_teacher_code_runs_only_with_trust_remote_code(tiny_teacher, small_corpus, tmp_path):
+    import shutil
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    marker = tmp_path / "code-ran"
+    (teacher / "evil_config.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+        "from transformers import Qwen2Config\nclass EvilConfig(Qwen2Config):\n    model_type = 'evil'\n")
+    config = json.loads((teacher / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil_config.EvilConfig"}
+    config["model_type"] = "evil"  # unknown to transformers: only the folder's own code could build it
+    (teacher / "config.json").write_text(json.dumps(config))
+    result = single_rank(*RUN_ARGS, "--teacher", str(teacher), "--data", str(small_corpus),
+                         "--out", str(tmp_path / "run"))
+    assert result.returncode != 0 and "trust_remote_code" in result.stderr
+    assert not marker.exists()
+
+
+def test_a_config_file_cannot_send_a_run_outside_the_project(tmp_path):
+    config = tmp_path / "run.json"
+    for out in ("/tmp/elsewhere", "../../elsewhere"):
+        config.write_text(json.dumps({"train": {"out": out}}))
+        result = subprocess.run([sys.executable, "train_ds.py", "--config", str(config), "--max_steps", "1"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2
+        assert f"train.out {out!r} leaves the working folder" in result.stderr

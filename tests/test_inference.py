@@ -1,33 +1,17 @@
 """translate / evaluate / Translator on real folders: a student saved in a temp dir and the tiny teacher."""
 
 import json
+import logging
 import subprocess
 import sys
 
 import pytest
-import torch
 
 import data
 from conftest import ROOT
-from inference import InputTooLongError, Translator
-from model import StudentConfig, StudentForTranslation
-
-
-@pytest.fixture(scope="module")
-def student_folder(tiny_teacher, tokenizer, small_corpus, tmp_path_factory):
-    pairs = data.read_pairs(small_corpus / "train.jsonl")
-    vocab = data.build_vocab_map(tokenizer, [p.zh for p in pairs] + [p.en for p in pairs], 600, 832)
-    builder = data.ExampleBuilder(tokenizer, vocab, 24, 24)
-    torch.manual_seed(0)
-    model = StudentForTranslation(StudentConfig(vocab_size=vocab.size, d_model=32, n_heads=4, encoder_layers=1,
-                                                decoder_layers=1, ffn_dim=64, max_source_len=24, max_target_len=24,
-                                                pad_token_id=builder.pad_id, bos_token_id=builder.bos_id,
-                                                eos_token_id=builder.eos_id))
-    folder = tmp_path_factory.mktemp("student")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    vocab.save(folder)
-    return folder
+from inference import InputTooLongError, Translator, splitting
+from inference.evaluate import evaluate
+from model import StudentForTranslation
 
 
 def run(*args):
@@ -54,11 +38,86 @@ def test_evaluate_prints_one_json_object(student_folder, small_corpus):
     assert result["params"] == sum(p.numel() for p in StudentForTranslation.from_pretrained(student_folder).parameters())
 
 
-def test_python_api_refuses_too_long_input(student_folder):
-    translator = Translator(student_folder)
+LONG_ZH = "打开文件。保存所有更改！是否退出程序？删除选中的文件；复制到剪贴板。"
+LONG_EN = "Open the file. Save all your changes! Quit the program now? Delete the selected files; copy them."
+
+
+@pytest.fixture(scope="module")
+def translator(student_folder):
+    return Translator(student_folder)
+
+
+@pytest.fixture(scope="module")
+def splitter(student_folder):
+    return Translator(student_folder, split_long=True)
+
+
+def test_python_api_refuses_too_long_input(translator):
     assert len(translator.translate(["打开文件", "Open"], "zh-en")) == 2
-    with pytest.raises(InputTooLongError, match="at most 24"):
-        translator.translate(["文件" * 60], "zh-en")
+    tokens = translator.token_count("文件" * 60)
+    assert tokens > 24
+    with pytest.raises(InputTooLongError) as refused:
+        translator.translate(["打开文件", "文件" * 60], "zh-en")
+    assert (refused.value.index, refused.value.tokens, refused.value.limit) == (1, tokens, 24)
+    assert str(refused.value).startswith("input 2 ('文件文件")
+    assert f"has {tokens} tokens, the model takes at most 24: pass --split_long" in str(refused.value)
+
+
+def test_sentences_split_at_chinese_and_english_ends():
+    text = '他说："好。"然后走了！v3.5 in file.txt is fine?! Yes; go. 「真的？」最后一句'
+    assert splitting.sentences(text) == ['他说："好。"', "然后走了！", "v3.5 in file.txt is fine?!", "Yes;",
+                                         "go.", "「真的？」", "最后一句"]
+
+
+@pytest.mark.parametrize(("text", "direction", "joiner"), [(LONG_ZH, "zh-en", " "), (LONG_EN, "en-zh", "")],
+                         ids=["zh-en", "en-zh"])
+def test_split_long_translates_sentence_by_sentence(splitter, text, direction, joiner):
+    assert splitter.token_count(text) > 24
+    sentences = splitting.sentences(text)
+    assert len(sentences) == 5 and splitter.pieces(text) == sentences
+    # The same pieces in the same order, so the same batches: results are comparable bit for bit.
+    *each, short = splitter.translate([*sentences, "打开"], direction)
+    assert all(each)  # the fixture's student says something for every sentence, so the join is really checked
+    assert splitter.translate([text, "打开"], direction) == [joiner.join(each), short]
+
+
+@pytest.mark.parametrize(("text", "joiner"), [("文件" * 60, ""),
+                                              (" ".join(["open the selected file and save it"] * 6), " ")],
+                         ids=["zh", "en"])
+def test_one_overlong_sentence_is_cut_by_token_count(splitter, text, joiner):
+    pieces = splitter.pieces(text)
+    assert len(pieces) > 1
+    assert all(splitter.token_count(p) <= 24 for p in pieces)
+    assert joiner.join(pieces) == text  # nothing dropped; English is cut at spaces, so words stay whole
+    assert len(splitter.translate([text], "zh-en")) == 1
+
+
+def test_cut_off_translations_are_logged(translator, caplog):
+    with caplog.at_level(logging.WARNING, logger="inference.translator"):
+        translator.translate(["打开文件", "保存"], "zh-en")
+    assert "2 of 2 translations reached the model's limit of 24 target tokens" in caplog.text
+
+
+def test_evaluate_skips_or_splits_long_sources_never_truncates(translator, splitter):
+    pairs = [data.Pair("打开文件", "Open file"), data.Pair(LONG_ZH, LONG_EN), data.Pair("保存", "Save")]
+    skipped = evaluate(translator, pairs, "zh-en")
+    assert (skipped["n"], skipped["skipped_too_long"], skipped["split_too_long"]) == (2, 1, 0)
+    split = evaluate(splitter, pairs, "zh-en")
+    assert (split["n"], split["skipped_too_long"], split["split_too_long"]) == (3, 0, 1)
+    pieces = splitter.translate(["打开文件", *splitting.sentences(LONG_ZH), "保存"], "zh-en")
+    assert [e["hypothesis"] for e in split["examples"]] == [pieces[0], " ".join(pieces[1:-1]), pieces[-1]]
+
+
+def test_translate_cli_refuses_or_splits_a_long_line(student_folder, tmp_path):
+    lines = tmp_path / "in.txt"
+    lines.write_text(f"打开文件\n{LONG_ZH}\n", encoding="utf-8")
+    refused = run("inference.translate", "--model", str(student_folder), "--input", str(lines))
+    assert refused.returncode == 2
+    assert "input 2 ('打开文件。保存所有更改" in refused.stderr and "pass --split_long" in refused.stderr
+    split = run("inference.translate", "--model", str(student_folder), "--input", str(lines), "--split_long")
+    assert split.returncode == 0, split.stderr
+    expected = Translator(student_folder, split_long=True).translate(["打开文件", LONG_ZH], "zh-en")
+    assert split.stdout.splitlines() == expected
 
 
 def test_missing_folder_is_one_clear_line(tmp_path):
