@@ -93,6 +93,18 @@ class DistillConfig:
                                     "rank (no all-gather per step), sharded = ZeRO-3 partitions gathered per "
                                     "layer, offload = partitions in CPU memory (slowest); auto picks by free "
                                     "memory and logs why", choices=("auto", "resident", "sharded", "offload"))
+    seq_kd: bool = _field(False, "sequence-level KD: the student trains on the teacher's greedy translation of each "
+                          "training source (decoded over the student's vocabulary, once, before step 1, into "
+                          "distill.seq_kd_cache) instead of the reference, still with the token-level KD term")
+    seq_kd_ratio: float = _field(1.0, "with seq_kd: share of training examples (fixed per example by the seed) that "
+                                 "use the teacher's translation; the rest keep the reference", low=0.0, high=1.0)
+    seq_kd_cache: str = _field("", "with seq_kd: JSONL file of the teacher's translations, reused across epochs, "
+                               "resumes and runs; refused when made by another teacher, data or vocabulary "
+                               "(empty = RUN/seq_kd_cache.jsonl)")
+    on_policy_ratio: float = _field(0.0, "share of steps (fixed per step by the seed) on which the student samples "
+                                    "its own translations (temperature 1) and the KD term is taken on those "
+                                    "samples as the teacher scores them; the CE term stays on the reference",
+                                    low=0.0, high=1.0)
 
 
 @dataclass
@@ -183,6 +195,7 @@ ALIASES = {
     "on_bad_line": "data.on_bad_line", "max_bad_steps": "train.max_bad_steps", "log_every": "train.log_every",
     "warmup_steps": "train.warmup_steps", "grad_accum": "train.grad_accum", "ds_config": "train.ds_config",
     "decoder": "model.decoder", "trust_remote_code": "train.trust_remote_code",
+    "seq_kd": "distill.seq_kd", "on_policy_ratio": "distill.on_policy_ratio",
 }
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -278,11 +291,6 @@ def load_file(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, data, ...), got {type(data).__name__}")
-    out = (data.get("train") or {}).get("out") if isinstance(data.get("train"), dict) else None
-    if out is not None and (Path(str(out)).is_absolute() or ".." in Path(str(out)).parts):
-        # a config file may come from elsewhere: it must not point a run's writes outside this project
-        raise ConfigError(f"{path}: train.out {out!r} leaves the working folder; give a relative path without "
-                          "'..', or pass --out on the command line if you mean it")
     return data
 
 
@@ -315,6 +323,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             names = [f"--{dotted}"] + ([f"--{reverse_alias[dotted]}"] if dotted in reverse_alias else [])
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             extra = f" (one of: {', '.join(f.metadata['choices'])})" if f.metadata.get("choices") else ""
+            if f.metadata.get("low") is not None:
+                extra += f" (range {f.metadata['low']:g} to {f.metadata['high']:g})"
             group.add_argument(*names, dest=dotted, default=None, metavar=f.name.upper(),
                                help=f"{f.metadata['help']}{extra} [default: {default}]")
 
@@ -325,6 +335,12 @@ def from_args(args: argparse.Namespace) -> Config:
     cfg = Config()
     preset = given.get("model.preset")
     file_data = load_file(args.config) if getattr(args, "config", None) else {}
+    out = (file_data.get("train") or {}).get("out") if isinstance(file_data.get("train"), dict) else None
+    if out is not None and (Path(str(out)).is_absolute() or ".." in Path(str(out)).parts):
+        # a --config file may come from elsewhere: it must not point a run's writes outside this project
+        # (a run's own saved config.json, read back by export, holds whatever --out the user gave)
+        raise ConfigError(f"{args.config}: train.out {out!r} leaves the working folder; give a relative path "
+                          "without '..', or pass --out on the command line if you mean it")
     if preset is None:
         preset = (file_data.get("model") or {}).get("preset", cfg.model.preset)
     if preset != "custom":

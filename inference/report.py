@@ -1,6 +1,6 @@
 """The run report a person reads: one Markdown page with a results table, plots and example translations.
 
-    python -m inference.report --run runs/quickstart --dist dist/rv1126b
+    python -m inference.report --run runs/quickstart [--dist runs/quickstart/dist/rv1126b]
 
 Reads only the run's own files: RUN/eval.json (teacher and student scores from `inference.evaluate`),
 RUN/{sft,distill}/metrics.jsonl (losses and evaluations logged by train_ds.py), the model folders' sizes,
@@ -121,9 +121,11 @@ def render(run: Path, dist: Path | None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/quickstart", help="run folder holding sft/, distill/ and eval.json")
-    parser.add_argument("--dist", default="dist/rv1126b", help="deploy output folder with report.json (optional)")
+    parser.add_argument("--dist", default=None,
+                        help="deploy output folder with report.json (default: RUN/dist/rv1126b; optional)")
     args = parser.parse_args(argv)
-    run, dist = Path(args.run), Path(args.dist)
+    run = Path(args.run)
+    dist = Path(args.dist) if args.dist else run / "dist" / "rv1126b"
     if not run.is_dir():
         print(f"report: {run}: no such run folder", file=sys.stderr)
         return 2

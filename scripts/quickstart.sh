@@ -8,11 +8,13 @@
 #   bash scripts/quickstart.sh --force         # redo every stage
 #   bash scripts/quickstart.sh --only distill  # one stage (corpus|teacher|sft|distill|evaluate|deploy|report)
 #
-# Variables: RUN (runs/quickstart), NUM_GPUS (all GPUs, or 2 CPU ranks), SFT_STEPS, DISTILL_STEPS.
+# Variables: RUN (runs/quickstart), DIST (the deploy output, RUN/dist/rv1126b), NUM_GPUS (all GPUs, or 2 CPU
+# ranks), SFT_STEPS, DISTILL_STEPS. Every command is printed (`+ ...`, on stderr) before it runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUN=${RUN:-runs/quickstart}
+DIST=${DIST:-$RUN/dist/rv1126b}
 SFT_STEPS=${SFT_STEPS:-800}
 DISTILL_STEPS=${DISTILL_STEPS:-1200}
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
@@ -26,7 +28,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --force) FORCE=1 ;;
     --only) ONLY=$2; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "quickstart: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -35,6 +37,13 @@ done
 bash scripts/setup.sh
 PY=.venv/bin/python
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+run() {  # run CMD...: print the resolved command (stderr, so stdout stays the command's own), then run it
+  printf '+' >&2
+  printf ' %q' "$@" >&2
+  printf '\n' >&2
+  "$@"
+}
 
 stage() {  # stage NAME DONE_MARKER: true when the stage should run (an empty marker: always)
   local name=$1 marker=$2
@@ -45,27 +54,27 @@ stage() {  # stage NAME DONE_MARKER: true when the stage should run (an empty ma
 }
 
 if stage corpus data/catalogs/stats.json; then
-  $PY scripts/build_corpus.py --gettext /usr/share/locale --out data/catalogs
+  run $PY scripts/build_corpus.py --gettext /usr/share/locale --out data/catalogs
 fi
 if stage teacher models/tiny-qwen/config.json; then
-  $PY scripts/make_tiny_teacher.py --corpus data/catalogs --out models/tiny-qwen --force
+  run $PY scripts/make_tiny_teacher.py --corpus data/catalogs --out models/tiny-qwen --force
 fi
 if stage sft "$RUN/sft/final/config.json"; then
   rm -rf "$RUN/sft"
-  .venv/bin/deepspeed --num_gpus "$NUM_GPUS" train_ds.py --stage sft --teacher models/tiny-qwen \
+  run .venv/bin/deepspeed --num_gpus "$NUM_GPUS" train_ds.py --stage sft --teacher models/tiny-qwen \
     --data data/catalogs --out "$RUN/sft" --max_steps "$SFT_STEPS" --eval_every 200 --save_every 200 \
     --micro_batch_size 32 --lr 3e-3 --warmup_steps 30 --data.valid_subset 64 --log_every 50
 fi
 if stage distill "$RUN/distill/final/config.json"; then
   rm -rf "$RUN/distill"
-  .venv/bin/deepspeed --num_gpus "$NUM_GPUS" train_ds.py --stage distill --teacher "$RUN/sft/final" \
+  run .venv/bin/deepspeed --num_gpus "$NUM_GPUS" train_ds.py --stage distill --teacher "$RUN/sft/final" \
     --data data/catalogs --preset tiny --out "$RUN/distill" --max_steps "$DISTILL_STEPS" --eval_every 300 \
     --save_every 300 --micro_batch_size 32 --lr 2e-3 --warmup_steps 50 --data.valid_subset 64 --log_every 50
 fi
 if stage evaluate "$RUN/eval.json"; then
   for model in "$RUN/sft/final" "$RUN/distill/final"; do
     for direction in zh-en en-zh; do
-      $PY -m inference.evaluate --model "$model" --test data/catalogs/test.jsonl --direction "$direction" \
+      run $PY -m inference.evaluate --model "$model" --test data/catalogs/test.jsonl --direction "$direction" \
         --limit 200 --json > "$RUN/eval.$(basename "$(dirname "$model")").$direction.json"
     done
   done
@@ -79,11 +88,11 @@ for name, r in results.items():
           f"{r['params']:>12,} parameters")
 PYEOF
 fi
-if stage deploy "dist/rv1126b/report.json"; then
-  $PY -m deploy --model "$RUN/distill/final" --target rv1126b --calib data/catalogs/valid.jsonl \
-    --test data/catalogs/test.jsonl --out dist/rv1126b
+if stage deploy "$DIST/report.json"; then
+  run $PY -m deploy --model "$RUN/distill/final" --target rv1126b --calib data/catalogs/valid.jsonl \
+    --test data/catalogs/test.jsonl --out "$DIST"
 fi
 if stage report ""; then  # cheap: always re-rendered
-  $PY -m inference.report --run "$RUN" --dist dist/rv1126b
+  run $PY -m inference.report --run "$RUN" --dist "$DIST"
 fi
-echo "== done. Report: $RUN/report.md  TensorBoard: bash scripts/tensorboard.sh $RUN"
+echo "== done. Report: $RUN/report.md  Deployment bundle: $DIST  TensorBoard: bash scripts/tensorboard.sh $RUN"

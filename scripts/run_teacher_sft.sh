@@ -3,22 +3,20 @@
 # that run_distill.sh takes as TEACHER.
 #   TEACHER=/models/Qwen1.5-1.8B DATA=data/catalogs NUM_GPUS=4 bash scripts/run_teacher_sft.sh [train_ds.py flags]
 #   multi-node: HOSTFILE=scripts/hostfile.example NUM_NODES=2 bash scripts/run_teacher_sft.sh
+# Variables: TEACHER, DATA, OUT, DS_CONFIG, MICRO_BATCH, GRAD_ACCUM, LR, EPOCHS below; the launcher's
+# (NUM_GPUS, HOSTFILE, NUM_NODES, MASTER_ADDR, MASTER_PORT, LAUNCHER_ARGS, DEEPSPEED, DRY_RUN=1) are described in
+# scripts/deepspeed_launch.sh. Flags after the script go to train_ds.py and win over the variables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TEACHER=${TEACHER:-models/tiny-qwen}
 DATA=${DATA:-data/catalogs}
 OUT=${OUT:-runs/sft}
-NUM_GPUS=${NUM_GPUS:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}
-[ "$NUM_GPUS" -gt 0 ] || NUM_GPUS=2
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero3.json}
 MICRO_BATCH=${MICRO_BATCH:-8}
 GRAD_ACCUM=${GRAD_ACCUM:-4}
 LR=${LR:-2e-5}
 EPOCHS=${EPOCHS:-1}
-NODES=()
-if [ -n "${HOSTFILE:-}" ]; then NODES=(--hostfile "$HOSTFILE" --num_nodes "${NUM_NODES:-1}"); fi
-cmd=(deepspeed "${NODES[@]}" --num_gpus "$NUM_GPUS" train_ds.py --stage sft --teacher "$TEACHER" --data "$DATA"
-     --out "$OUT" --ds_config "$DS_CONFIG" --micro_batch_size "$MICRO_BATCH" --grad_accum "$GRAD_ACCUM"
-     --lr "$LR" --epochs "$EPOCHS" "$@")
-echo "run_teacher_sft: ${cmd[*]}"
-exec "${cmd[@]}"
+source scripts/deepspeed_launch.sh
+deepspeed_launch run_teacher_sft --stage sft --teacher "$TEACHER" --data "$DATA" --out "$OUT" \
+  --ds_config "$DS_CONFIG" --micro_batch_size "$MICRO_BATCH" --grad_accum "$GRAD_ACCUM" --lr "$LR" \
+  --epochs "$EPOCHS" "$@"

@@ -6,4 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest tests -q -p no:cacheprovider "$@"
+cmd=(.venv/bin/python -m pytest tests -q -p no:cacheprovider "$@")
+printf 'test:'
+printf ' %q' "${cmd[@]}"
+printf '\n'
+exec "${cmd[@]}"
