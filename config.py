@@ -71,6 +71,9 @@ class DataConfig:
     tokens_per_batch: int = _field(1024, "fill each micro-batch up to this many padded source+target tokens, "
                                    "with length bucketing so padding stays low; 0 = train.micro_batch_size "
                                    "sentences per micro-batch", low=0, high=10**7)
+    stream_window: int = _field(0, "read the train split of a datasets folder (save_to_disk) as a memory-mapped "
+                                "stream, this many rows at a time, so memory does not grow with the corpus (needs "
+                                "train.max_steps); 0 = load the split whole", low=0, high=10**8)
     valid_subset: int = _field(200, "validation pairs used for BLEU during training", low=1, high=10**6)
 
 

@@ -673,6 +673,15 @@ class StreamPosition:
     batch: int = 0
 
 
+def arrow_sample(path: str | Path, rows: int, max_chars: int = MAX_CHARS) -> list[Pair]:
+    """The good pairs among the first `rows` rows of a datasets folder's train split (for the vocabulary of a
+    streamed corpus: counting every row of 26M pairs would be the whole-corpus pass streaming avoids)."""
+    import datasets
+    loaded = datasets.load_from_disk(str(path))
+    table = loaded[_hf_split(loaded, "train", str(path))] if isinstance(loaded, datasets.DatasetDict) else loaded
+    return _check_dataset(table.select(range(min(rows, len(table)))), f"{path}[train]", max_chars).pairs
+
+
 class ExampleStream:
     """Micro-batches of a large corpus in a `datasets` folder (save_to_disk: memory-mapped Arrow), read one
     window of rows at a time, so a rank's memory follows the window, not the corpus (WMT19 zh-en is 26M pairs).

@@ -15,6 +15,9 @@ RUN/checkpoints/ (resume with --resume), RUN/tb/ (TensorBoard), RUN/best/ and RU
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -57,8 +60,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, config_lib.Config]:
     config_lib.add_arguments(parser)
     args = parser.parse_args(argv)
     for flag, tag in (("--resume", args.resume), ("--tag", args.tag)):
-        if tag not in (None, "latest") and not re.fullmatch(r"step\d+", tag):  # a tag names a folder: no paths
-            parser.error(f"{flag} {tag!r}: give a checkpoint tag such as step200, or nothing for the latest")
+        if tag not in (None, "latest") and not re.fullmatch(r"step\d+(_universal)?", tag):  # names a folder
+            parser.error(f"{flag} {tag!r}: give a checkpoint tag such as step200 (or step200_universal, made by "
+                         "scripts/convert_checkpoint.sh), or nothing for the latest")
     try:
         cfg = config_lib.from_args(args)
     except config_lib.ConfigError as exc:
@@ -133,7 +137,10 @@ def lr_lambda(cfg: config_lib.TrainConfig, total_steps: int):
 
 
 def build_engine(model, ds: dict, cfg: config_lib.Config, total_steps: int):
-    """A trained model's DeepSpeed engine: AdamW and warm-up + cosine, from the JSON or from torch."""
+    """A trained model's DeepSpeed engine: AdamW and warm-up + cosine, from the JSON or from torch.
+
+    Under `accelerate launch` the engine comes from accelerator.prepare (the frozen teacher keeps its own
+    deepspeed.initialize in build_models); with DeepSpeed, accelerate returns the DeepSpeedEngine itself."""
     import deepspeed
     optimizer = None
     if "optimizer" not in ds:  # DeepSpeed's own AdamW is CUDA/CPU-Adam specific; torch's runs everywhere
@@ -141,7 +148,36 @@ def build_engine(model, ds: dict, cfg: config_lib.Config, total_steps: int):
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=(0.9, 0.98), eps=1e-8,
                                       weight_decay=cfg.train.weight_decay)
     scheduler = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train, total_steps)))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":  # not `accelerate launch`
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+        return engine
+    # `accelerate launch --config_file ds_configs/accelerate_zero3.yaml`: the same engine, made by accelerate
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import DummyOptim, DummyScheduler, InitProcessGroupKwargs
+    named = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if named and Path(named).resolve() != Path(cfg.train.ds_config).resolve():
+        raise config_lib.ConfigError(f"the accelerate config's deepspeed_config_file {named} is not --ds_config "
+                                     f"{cfg.train.ds_config}; drop it from the YAML and pass --ds_config")
+    # main's deepspeed.init_distributed made the process group; naming its backend lets accelerate count its
+    # ranks (with no backend on CPU it counts one: "No backend == no distributed training", accelerate/state.py)
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds),
+                              gradient_accumulation_steps=ds["gradient_accumulation_steps"],
+                              kwargs_handlers=[InitProcessGroupKwargs(backend=dist.get_backend())])
+    if optimizer is None:  # the JSON's optimizer: DeepSpeed builds it and calls our scheduler on it, as above
+        optimizer = DummyOptim(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        lr_scheduler = DummyScheduler(optimizer, lr_scheduler_callable=scheduler)
+    else:
+        lr_scheduler = scheduler(optimizer)
+    engine, _, _ = accelerator.prepare(model, optimizer, lr_scheduler)  # the model comes back as the engine
+    if engine.lr_scheduler is None:
+        # accelerate hands DeepSpeed only DeepSpeed's own scheduler types and leaves LambdaLR to the caller;
+        # given to the engine, engine.step() steps it and checkpoints hold it, as with deepspeed.initialize
+        if engine.basic_optimizer is not optimizer:  # accelerate swapped in DeepSpeed's CPU Adam (offload)
+            raise config_lib.ConfigError(f"{cfg.train.ds_config}: an offloaded optimizer needs an \"optimizer\" "
+                                         "section in the JSON (see ds_configs/zero3_offload.json)")
+        engine.lr_scheduler = lr_scheduler
+    log.info("trained model's engine made by accelerate.prepare (%s, %d processes)", accelerator.distributed_type,
+             accelerator.num_processes)
     return engine
 
 
@@ -273,6 +309,349 @@ def sft_step(teacher, batch: dict, timings: dict) -> LossParts:
     return LossParts(ce, ce.new_zeros(()), ce.detach(), tokens)
 
 
+# ----------------------------------------------------------------------------- sequence-level KD and on-policy KD
+# seq_kd: the student trains on the teacher's own greedy translation of each source instead of the reference.
+# The translations are made once, before step 1, by the frozen teacher decoding over the student's K kept ids
+# (its body, a KV cache, and the kept output rows: argmax over K rows is a student id), sharded across ranks in
+# lockstep, gathered, and written by rank 0 to a JSONL cache keyed by example. Training then only reads it, so a
+# target is a pure function of its example: a resumed run (or a later epoch) reads the very ids the uninterrupted
+# run read, whatever batch each translation was decoded in. (Decoding per training batch instead would redo the
+# teacher's work every epoch and on every resume, and make a target depend on its batch's padding numerics.)
+#
+# on-policy: on a share of steps, chosen from (seed, step) so every rank and every resume agree, the student
+# samples its own translation of each source (temperature 1, in evaluation mode, every rank stepping together),
+# the teacher scores it token by token (prompt + sample, teacher forcing), and the KD term is taken on the sample;
+# the (1 - alpha) CE term stays on the reference target, so on-policy steps change where the KD term is measured,
+# not the mix of the loss (CE against the student's own sample would only teach it to repeat itself).
+
+SEQ_KD_CACHE_VERSION = 1
+FINGERPRINT_SAMPLES, FINGERPRINT_BLOCK = 64, 1 << 16
+
+
+class SeqKDCacheError(config_lib.ConfigError):
+    """A seq_kd cache made for another teacher, corpus, vocabulary or decoding length (one line)."""
+
+
+def teacher_fingerprint(folder: str | Path) -> str:
+    """sha256 of the teacher's config.json and, for every weight file, its name, size and 64 evenly spaced 64 KiB
+    blocks (4 MiB read per file however large: any fine-tuning changes every tensor, so every block)."""
+    folder = Path(folder)
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    weights = sorted(p for pattern in ("*.safetensors", "*.bin", "*.pt") for p in folder.glob(pattern))
+    for path in weights:
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as handle:
+            for k in range(FINGERPRINT_SAMPLES):
+                handle.seek(k * max(0, size - FINGERPRINT_BLOCK) // (FINGERPRINT_SAMPLES - 1))
+                digest.update(handle.read(FINGERPRINT_BLOCK))
+    return digest.hexdigest()
+
+
+def example_key(example: data.Example) -> str:
+    """What a teacher translation depends on besides the teacher: direction and source text."""
+    return f"{config_lib.DIRECTIONS[example.direction]}\t{example.source_text}"
+
+
+def seq_kd_header(cfg: config_lib.Config, prepared: "RunData") -> dict:
+    """What a cache must have been made with to be reused: teacher, corpus sources, vocabulary, decoding length."""
+    sources = hashlib.sha256("\n".join(example_key(e) for e in prepared.train_examples).encode()).hexdigest()
+    vocab = prepared.vocab
+    vocab_sha = hashlib.sha256(json.dumps([vocab.teacher_ids, vocab.tokenizer_sha256]).encode()).hexdigest()
+    return {"seq_kd_cache": SEQ_KD_CACHE_VERSION, "teacher": teacher_fingerprint(cfg.train.teacher),
+            "data": sources, "vocab": vocab_sha, "max_target_len": cfg.model.max_target_len,
+            "decoding": "greedy over the student vocabulary"}
+
+
+def seq_kd_cache_path(cfg: config_lib.Config, run: Path) -> Path:
+    return Path(cfg.distill.seq_kd_cache) if cfg.distill.seq_kd_cache else run / "seq_kd_cache.jsonl"
+
+
+def read_seq_kd_cache(path: Path, header: dict) -> dict[str, dict]:
+    """Entries {key: {"ids": teacher ids, "finished": bool}} of a cache made like header says; {} when absent.
+    A cache made otherwise is refused: its translations would silently train on another teacher's outputs."""
+    if not path.is_file():
+        return {}
+    with path.open(encoding="utf-8") as handle:
+        first = handle.readline()
+        try:
+            saved = json.loads(first)
+        except ValueError:
+            saved = None
+        if not isinstance(saved, dict) or saved.get("seq_kd_cache") != SEQ_KD_CACHE_VERSION:
+            raise SeqKDCacheError(f"{path}: not a seq_kd cache (version {SEQ_KD_CACHE_VERSION}); delete it or give "
+                                  "another --distill.seq_kd_cache")
+        stale = [name for name in ("teacher", "data", "vocab", "max_target_len", "decoding")
+                 if saved.get(name) != header[name]]
+        if stale:
+            what = {"teacher": "another teacher", "data": "another training corpus", "vocab": "another vocabulary",
+                    "max_target_len": "another model.max_target_len", "decoding": "another decoding"}
+            raise SeqKDCacheError(f"{path}: stale seq_kd cache, made with {' and '.join(what[s] for s in stale)} "
+                                  f"({', '.join(stale)} fingerprint differs); delete it or pass another "
+                                  "--distill.seq_kd_cache")
+        entries = {}
+        for line in handle:
+            if line.strip():
+                entry = json.loads(line)
+                entries[entry["key"]] = {"ids": entry["ids"], "finished": entry["finished"]}
+    return entries
+
+
+def write_seq_kd_cache(path: Path, header: dict, entries: dict[str, dict], tokenizer) -> None:
+    """Header line, then one line per example (ids in teacher space and the text, for reading); atomic."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        handle.write(json.dumps(header) + "\n")
+        for key in sorted(entries):
+            entry = entries[key]
+            text = entry.get("text")
+            if text is None:
+                text = tokenizer.decode(entry["ids"], skip_special_tokens=True)
+            handle.write(json.dumps({"key": key, "ids": entry["ids"], "finished": entry["finished"], "text": text},
+                                    ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def unit_fraction(*parts) -> float:
+    """A number in [0, 1) fixed by parts (the same on every rank, run and Python process)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
+def uses_teacher_translation(seed: int, example: data.Example, ratio: float) -> bool:
+    return ratio >= 1.0 or (ratio > 0.0 and unit_fraction("seq_kd", seed, example_key(example)) < ratio)
+
+
+def is_on_policy_step(seed: int, step: int, ratio: float) -> bool:
+    """Whether step (1-based) trains on the student's own samples; a function of (seed, step) alone."""
+    return ratio >= 1.0 or (ratio > 0.0 and unit_fraction("on_policy", seed, step) < ratio)
+
+
+def scheduled_indices(examples: list, cfg: config_lib.Config, world: int, batches_per_epoch: int,
+                      total_steps: int) -> list[int]:
+    """Indices of the training examples some rank trains on in steps 1..total_steps (the loop's own schedule)."""
+    positions, epoch, used = total_steps * cfg.train.grad_accum, 0, set()
+    while positions > 0 and len(used) < len(examples):
+        take = min(positions, batches_per_epoch)  # rank r's offset o is global batch o * world + r
+        for batch in data.make_batches(examples, cfg.train.micro_batch_size, cfg.data.tokens_per_batch,
+                                       cfg.train.seed, epoch, world)[:take * world]:
+            used.update(batch)
+        positions, epoch = positions - take, epoch + 1
+    return sorted(used)
+
+
+def teacher_translate(teacher, teacher_rows: torch.Tensor, builder: data.ExampleBuilder, examples: list,
+                      filler: data.Example, batch_size: int, device) -> list[tuple[list[int], bool]]:
+    """Greedy translations (teacher ids, without the end token; finished = the end token came) of this rank's
+    examples, decoded by the teacher body with a KV cache over the student's K kept ids.
+
+    Every rank calls it, with its own share (possibly none): under ZeRO-3 each teacher forward is a collective,
+    so all ranks run the same number of batches (a rank out of work decodes `filler`) and the same number of
+    steps per batch (a done flag is all-reduced after every token, as the student's generate does).
+    """
+    chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+    count = torch.tensor([len(chunks)], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    teacher_of = torch.tensor(builder.vocab.teacher_ids, device=device)
+    rows = teacher_rows.float()
+    pad = builder.tokenizer.pad_token_id
+    results: list[tuple[list[int], bool]] = []
+    for index in range(int(count.item())):
+        real = index < len(chunks)
+        chunk = chunks[index] if real else [filler]
+        width = max(len(e.prompt_ids) for e in chunk)
+        input_ids = torch.tensor([[pad] * (width - len(e.prompt_ids)) + e.prompt_ids for e in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(e.prompt_ids)) + [1] * len(e.prompt_ids) for e in chunk],
+                            device=device)
+        lengths = mask.sum(1)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        done = torch.full((len(chunk),), not real, dtype=torch.bool, device=device)
+        steps: list[torch.Tensor] = []
+        with torch.no_grad():
+            out = teacher(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            for step in range(builder.max_target_len - 1):  # room for the end token in the example
+                logits = out.last_hidden_state[:, -1].float() @ rows.T
+                logits[:, builder.bos_id] = float("-inf")
+                token = logits.argmax(-1)
+                token = torch.where(token == builder.pad_id, builder.eos_id, token)  # Qwen's other stop token
+                token = token.masked_fill(done, builder.pad_id)
+                steps.append(token)
+                done |= token == builder.eos_id
+                if not any_rank(not bool(done.all()), device):
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                out = teacher(input_ids=teacher_of[token][:, None], attention_mask=mask,
+                              position_ids=(lengths + step)[:, None], past_key_values=out.past_key_values,
+                              use_cache=True)
+        if real:
+            for row in torch.stack(steps, dim=1).tolist():
+                ids = []
+                for token in row:
+                    if token == builder.eos_id:
+                        break
+                    ids.append(builder.vocab.teacher_ids[token])
+                results.append((ids, builder.eos_id in row))
+    return results
+
+
+def seq_kd_targets(cfg: config_lib.Config, prepared: "RunData", models: "Models", header: dict,
+                   cached: dict[str, dict], path: Path, device) -> dict[str, list[int]]:
+    """{example key: the teacher's translation as target ids (end token included)} for the scheduled examples
+    seq_kd picks (with_targets swaps them in; the others, and those whose teacher translation is empty or never
+    ended, keep the reference). Translations the cache lacks are made now, before step 1, sharded across
+    ranks; rank 0 rewrites the cache with them."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    examples, builder = prepared.train_examples, prepared.builder
+    scheduled = scheduled_indices(examples, cfg, world, prepared.batches_per_epoch, prepared.total_steps)
+    chosen = [i for i in scheduled if uses_teacher_translation(cfg.train.seed, examples[i], cfg.distill.seq_kd_ratio)]
+    first_of: dict[str, int] = {}
+    for i in chosen:
+        first_of.setdefault(example_key(examples[i]), i)
+    missing = sorted((i for key, i in first_of.items() if key not in cached),
+                     key=lambda i: (len(examples[i].prompt_ids), i))
+    if missing:
+        log.info("seq_kd: the teacher translates %d training sources (%d of %d in cache %s) ...", len(missing),
+                 len(first_of) - len(missing), len(first_of), path)
+        start = time.perf_counter()
+        batch = 4 * cfg.train.micro_batch_size
+        chunks = [missing[i:i + batch] for i in range(0, len(missing), batch)]
+        mine = [i for chunk in chunks[rank::world] for i in chunk]
+        made = teacher_translate(models.teacher, models.teacher_rows, builder, [examples[i] for i in mine],
+                                 examples[missing[0]], batch, device)
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, [(example_key(examples[i]), ids, done) for i, (ids, done) in zip(mine, made)])
+        for part in gathered:
+            for key, ids, done in part:
+                cached[key] = {"ids": ids, "finished": done}
+        if is_main():
+            write_seq_kd_cache(path, header, cached, builder.tokenizer)
+        dist.barrier()
+        log.info("seq_kd: %d teacher translations in %.1f s, cached in %s", len(missing),
+                 time.perf_counter() - start, path)
+    else:
+        log.info("seq_kd: all %d teacher translations found in cache %s; no teacher generation", len(first_of), path)
+    targets = {}
+    for key in first_of:
+        entry = cached[key]
+        if entry["ids"] and entry["finished"]:
+            targets[key] = entry["ids"] + [builder.eos_teacher_id]
+    log.info("seq_kd: %d of %d scheduled examples train on the teacher's translation (ratio %.2f); %d keep the "
+             "reference because the teacher's was empty or never ended",
+             sum(example_key(examples[i]) in targets for i in chosen), len(scheduled), cfg.distill.seq_kd_ratio,
+             sum(example_key(examples[i]) not in targets for i in chosen))
+    return targets
+
+
+def with_targets(examples: list, targets: dict[str, list[int]]) -> list:
+    """examples with the target ids targets holds for their key (seq_kd), the others as they are."""
+    if not targets:
+        return examples
+    return [dataclasses.replace(e, target_ids=targets[k]) if (k := example_key(e)) in targets else e
+            for e in examples]
+
+
+@contextlib.contextmanager
+def whole_student(engine):
+    """The trained student's ZeRO-3 parameters gathered whole on every rank, with ZeRO-3's per-module hooks lifted,
+    for a sampling loop: otherwise every decoder step all-gathers every layer again (as TRL's
+    unwrap_model_for_generation does; the student is small). The hooks come back on exit and the parameters are
+    partitioned again. Without ZeRO-3 (or with a DeepSpeed lacking these internals) it does nothing."""
+    import deepspeed
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    if engine.zero_optimization_stage() != 3 or offload is None or not hasattr(offload, "_register_deepspeed_module"):
+        yield
+        return
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        for param in params:
+            param.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)
+
+
+@torch.no_grad()
+def sample_student(model, batch: dict, builder: data.ExampleBuilder, device, temperature: float = 1.0) -> list:
+    """One sampled translation per source from the student's own distribution (student ids, the end token
+    included when it came), every rank stepping together until all are done (ZeRO-3 gathers per forward)."""
+    memory, src_bias = model.encode(batch["source_ids"], batch["source_mask"], batch["direction"])
+    memory_kv = [layer.memory_kv(memory) for layer in model.decoder]
+    rows = batch["source_ids"].shape[0]
+    tokens = torch.full((rows, 1), builder.bos_id, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    states = None
+    for step in range(builder.max_target_len):
+        hidden, states = model.decode(tokens[:, -1:], batch["direction"], memory, src_bias, states, step, memory_kv)
+        logits = model.output_logits(hidden[:, -1]).float() / temperature
+        logits[:, [builder.bos_id, builder.pad_id]] = float("-inf")  # never a target token
+        token = torch.multinomial(torch.softmax(logits, -1), 1)[:, 0].masked_fill(done, builder.pad_id)
+        tokens = torch.cat([tokens, token[:, None]], dim=1)
+        done |= token == builder.eos_id
+        if not any_rank(not bool(done.all()), device):
+            break
+    samples = []
+    for row in tokens[:, 1:].tolist():
+        ids = []
+        for token in row:
+            if token == builder.pad_id:
+                break
+            ids.append(token)
+            if token == builder.eos_id:
+                break
+        samples.append(ids)
+    return samples
+
+
+def on_policy_loss(models: "Models", examples: list, builder: data.ExampleBuilder, cfg: config_lib.DistillConfig,
+                   device, timings: dict) -> tuple[LossParts, dict]:
+    """alpha * T^2 * D(teacher, student) on the student's own samples + (1 - alpha) * CE on the reference, in one
+    student forward over [samples; references] (one forward and backward per micro-batch, as on other steps)."""
+    engine = models.engine
+    pad_teacher = builder.tokenizer.pad_token_id
+    reference = to_device(data.collate(examples, builder.pad_id, builder.bos_id, builder.vocab.student_of,
+                                       pad_teacher), device)
+    start = time.perf_counter()
+    engine.module.eval()  # sample from the student's distribution, not a dropout-perturbed one
+    with whole_student(engine):
+        samples = sample_student(engine.module, reference, builder, device)
+    engine.module.train()
+    sampled = [dataclasses.replace(e, target_ids=[builder.vocab.teacher_ids[t] for t in ids] or
+                                   [builder.eos_teacher_id]) for e, ids in zip(examples, samples)]
+    timings["student"] += time.perf_counter() - start
+    start = time.perf_counter()
+    scored = to_device(data.collate(sampled, builder.pad_id, builder.bos_id, builder.vocab.student_of, pad_teacher),
+                       device)
+    with torch.no_grad():
+        hidden = teacher_hidden(models.teacher, scored, scored["labels"].shape[1])
+    timings["teacher"] += time.perf_counter() - start
+    start = time.perf_counter()
+    both = to_device(data.collate(sampled + list(examples), builder.pad_id, builder.bos_id, builder.vocab.student_of,
+                                  pad_teacher), device)
+    labels, n = both["labels"], len(examples)
+    kd_labels, ce_labels = labels.clone(), labels.clone()
+    kd_labels[n:], ce_labels[:n] = data.IGNORE_INDEX, data.IGNORE_INDEX
+    teacher_full = hidden.new_zeros(labels.shape + hidden.shape[-1:])
+    teacher_full[:n, :hidden.shape[1]] = hidden
+    no_teacher = hidden.new_zeros(labels.shape + (1,))  # the CE part: a teacher term weighted 0
+    no_rows = models.teacher_rows.new_zeros(models.teacher_rows.shape[0], 1)
+    kd_cfg, ce_cfg = dataclasses.replace(cfg, alpha=1.0), dataclasses.replace(cfg, alpha=0.0)
+
+    def output_loss(s_hidden, s_weight):
+        kd = fused_distill_loss(s_hidden, s_weight, teacher_full, models.teacher_rows, kd_labels, kd_cfg)
+        ce = fused_distill_loss(s_hidden, s_weight, no_teacher, no_rows, ce_labels, ce_cfg)
+        return LossParts(cfg.alpha * kd.total + (1 - cfg.alpha) * ce.total, kd.kd, ce.ce, kd.tokens + ce.tokens)
+
+    out = engine(source_ids=both["source_ids"], source_mask=both["source_mask"], direction=both["direction"],
+                 decoder_input_ids=both["decoder_input_ids"], output_loss=output_loss)
+    timings["student"] += time.perf_counter() - start
+    return out.loss_parts, {**both, "teacher_attention_mask": scored["teacher_attention_mask"]}
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 def translate_shard(stage: str, model, builder: data.ExampleBuilder, examples: list, device,
@@ -304,7 +683,9 @@ def evaluate(stage: str, models: "Models", builder, valid_examples: list, cfg: c
     timings = {"teacher": 0.0, "student": 0.0}
     losses = []
     with torch.no_grad():
-        for indices in data.make_batches(valid_examples, cfg.train.micro_batch_size, 0, 0, 0, world)[rank::world]:
+        # small enough that every rank gets a batch even from a small validation subset
+        size = max(1, min(cfg.train.micro_batch_size, len(valid_examples) // world))
+        for indices in data.make_batches(valid_examples, size, 0, 0, 0, world)[rank::world]:
             batch = to_device(data.collate([valid_examples[i] for i in indices], builder.pad_id, builder.bos_id,
                                            builder.vocab.student_of, builder.tokenizer.pad_token_id), device)
             parts = step_loss(stage, models, batch, cfg, timings)
@@ -366,6 +747,9 @@ def save_folder(stage: str, state_dict: dict, cfg: config_lib.Config, run: Path,
         shutil.copy(run / "teacher_config" / "generation_config.json", tmp / "generation_config.json")
     cfg.save(tmp / "training_config.json")
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    if stage == "distill":  # a model card, so the folder can be pushed to a model hub as it is
+        from inference.model_card import write_model_card
+        write_model_card(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 
@@ -448,6 +832,10 @@ class RunData:
     valid_examples: list
     batches_per_epoch: int
     total_steps: int
+    stream: data.ExampleStream | None = None  # --data.stream_window: train examples read window by window
+
+
+STREAM_VOCAB_ROWS = 200_000  # rows of a streamed corpus counted for the student's vocabulary
 
 
 def prepare_data(stage: str, cfg: config_lib.Config, run: Path, world: int) -> RunData:
@@ -460,11 +848,18 @@ def prepare_data(stage: str, cfg: config_lib.Config, run: Path, world: int) -> R
             f"{cfg.train.teacher}: the tokenizer has {len(tokenizer)} ids but the model has only "
             f"{teacher_config.vocab_size} output rows; the tokenizer files belong to another model: use the ones "
             "saved with this checkpoint")
-    try:  # every problem in both splits is listed before step 1, not the first one at hour 30
-        splits = data.load_splits(cfg.data.path, ("train", "valid"), cfg.data.on_bad_line, cfg.data.max_chars)
+    streaming = cfg.data.stream_window > 0
+    if streaming and (not cfg.train.max_steps or cfg.distill.seq_kd):
+        raise config_lib.ConfigError("--data.stream_window needs --max_steps (a stream has no epoch length "
+                                     "known in advance) and no --seq_kd (its cache covers the whole corpus)")
+    try:  # every problem in the splits is listed before step 1, not the first one at hour 30
+        splits = data.load_splits(cfg.data.path, ("valid",) if streaming else ("train", "valid"),
+                                  cfg.data.on_bad_line, cfg.data.max_chars)
+        train_pairs = (data.arrow_sample(cfg.data.path, STREAM_VOCAB_ROWS, cfg.data.max_chars) if streaming
+                       else splits["train"].pairs)
     except data.CorpusError as exc:
         raise SystemExit(f"train_ds.py: {exc}") from None
-    train_pairs, valid_pairs = splits["train"].pairs, splits["valid"].pairs[:cfg.data.valid_subset]
+    valid_pairs = splits["valid"].pairs[:cfg.data.valid_subset]
     if stage == "distill":
         if (run / data.VocabMap.FILE).is_file():
             vocab = data.VocabMap.load(run)
@@ -475,6 +870,14 @@ def prepare_data(stage: str, cfg: config_lib.Config, run: Path, world: int) -> R
     else:
         vocab = data.VocabMap.full(tokenizer, teacher_config.vocab_size)
     builder = data.ExampleBuilder(tokenizer, vocab, cfg.model.max_source_len, cfg.model.max_target_len)
+    if streaming:
+        stream = data.ExampleStream(cfg.data.path, builder, cfg.data.directions, cfg.data.stream_window,
+                                    cfg.train.micro_batch_size, cfg.data.tokens_per_batch, cfg.train.seed, world,
+                                    dist.get_rank(), cfg.data.on_bad_line, cfg.data.max_chars)
+        log.info("data: streaming %d train rows in windows of %d; vocabulary from the first %d rows",
+                 len(stream), cfg.data.stream_window, len(train_pairs))
+        valid_examples, _ = builder.examples(valid_pairs, cfg.data.directions)
+        return RunData(tokenizer, teacher_config, vocab, builder, [], valid_examples, 0, cfg.train.max_steps, stream)
     train_examples, dropped = builder.examples(train_pairs, cfg.data.directions)
     valid_examples, _ = builder.examples(valid_pairs, cfg.data.directions)
     log.info("data: %d train pairs -> %d examples (%d too long for the model), %d validation examples; "
@@ -499,13 +902,16 @@ class Models:
 
 
 def build_models(stage: str, cfg: config_lib.Config, prepared: RunData, run: Path, world: int, use_bf16: bool,
-                 on_gpu: bool, device) -> Models:
+                 on_gpu: bool, device, load_universal: bool = False) -> Models:
+    """load_universal: the checkpoint to resume is a universal one (any number of ranks can load it)."""
     import deepspeed
 
     from model import StudentConfig, StudentForTranslation
     dtype = torch.bfloat16 if use_bf16 else torch.float32
+    trained_ds = deepspeed_config(cfg.train.ds_config, cfg, world, use_bf16, trained=True)
+    if load_universal:
+        trained_ds["checkpoint"] = {**trained_ds.get("checkpoint", {}), "load_universal": True}
     if stage == "sft":
-        trained_ds = deepspeed_config(cfg.train.ds_config, cfg, world, use_bf16, trained=True)
         teacher, hf_ds = load_teacher(cfg.train.teacher, trained_ds, dtype, cfg.train.trust_remote_code)
         return Models(build_engine(teacher, trained_ds, cfg, prepared.total_steps), hf_ds=hf_ds)
 
@@ -525,8 +931,7 @@ def build_models(stage: str, cfg: config_lib.Config, prepared: RunData, run: Pat
         student_cfg.save_pretrained(run / "student_config")
     student = StudentForTranslation(student_cfg)
     flops = StepFlops.of(prepared.teacher_config, parameters, student, prepared.vocab.size)
-    engine = build_engine(student, deepspeed_config(cfg.train.ds_config, cfg, world, use_bf16, True), cfg,
-                          prepared.total_steps)
+    engine = build_engine(student, trained_ds, cfg, prepared.total_steps)
     log.info("student: %s preset, %s decoder, %.2fM parameters; teacher: %s", cfg.model.preset, cfg.model.decoder,
              flops.student_parameters / 1e6, cfg.train.teacher)
     return Models(engine, teacher_engine, rows.to(device), hf_ds, flops)
@@ -602,8 +1007,9 @@ def main(argv: list[str] | None = None) -> None:
     if is_main():
         if (run / "config.json").is_file() and args.resume:
             saved = json.loads((run / "config.json").read_text())
+            defaults = config_lib.Config().to_dict()  # a field newer than the run's config.json: its default
             changed = [f"{s}.{k}" for s, v in cfg.to_dict().items() for k, x in v.items()
-                       if s in ("model", "data", "distill") and saved.get(s, {}).get(k) != x]
+                       if s in ("model", "data", "distill") and saved.get(s, {}).get(k, defaults[s][k]) != x]
             if changed:
                 raise SystemExit(f"train_ds.py: --resume with a different config ({', '.join(changed)}); "
                                  f"resume with the flags of the original run (see {run}/config.json)")
@@ -623,18 +1029,33 @@ def main(argv: list[str] | None = None) -> None:
         if Path(cfg.train.teacher, "generation_config.json").is_file():
             shutil.copy(Path(cfg.train.teacher, "generation_config.json"), run / "teacher_config")
 
+    seq_kd = args.stage == "distill" and cfg.distill.seq_kd
+    if seq_kd:  # a stale cache is refused here, before any model is loaded
+        seq_kd_path = seq_kd_cache_path(cfg, run)
+        seq_kd_head = seq_kd_header(cfg, prepared)
+        seq_kd_cached = read_seq_kd_cache(seq_kd_path, seq_kd_head)
+
     # ---- models: the teacher (frozen and placed by memory, or trained in sft) and the student
-    models = build_models(args.stage, cfg, prepared, run, world, use_bf16, on_gpu, device)
+    resume_tag = args.resume
+    if resume_tag == "latest" and (ckpt_dir / "latest").is_file():
+        resume_tag = (ckpt_dir / "latest").read_text().strip()
+    models = build_models(args.stage, cfg, prepared, run, world, use_bf16, on_gpu, device,
+                          load_universal=bool(resume_tag) and resume_tag.endswith("_universal"))
     engine = models.engine
     peak = peak_flops(on_gpu)
+    # seq_kd: the teacher's cached translation replaces the reference as target, example by example
+    seq_kd_by_key = (seq_kd_targets(cfg, prepared, models, seq_kd_head, seq_kd_cached, seq_kd_path, device)
+                     if seq_kd else {})
 
     # ---- resume: weights, optimiser, scheduler and the data position
     step, best_bleu, evals_without_gain, history = 0, -1.0, 0, []
+    stream_start = data.StreamPosition()
     if args.resume:
         path, client = engine.load_checkpoint(str(ckpt_dir), tag=None if args.resume == "latest" else args.resume)
         if path is None:
             raise SystemExit(f"train_ds.py: --resume {args.resume}: no checkpoint in {ckpt_dir}")
         step, best_bleu = client["step"], client["best_bleu"]
+        stream_start = data.StreamPosition(**client.get("stream", {}))
         evals_without_gain, history = client["evals_without_gain"], client["history"]
         log.info("resumed from %s at step %d", path, step)
 
@@ -652,6 +1073,8 @@ def main(argv: list[str] | None = None) -> None:
         and only then moves `latest`: a crash at any point leaves the previous checkpoint the latest."""
         client = {"step": tag_step, "best_bleu": best_bleu, "evals_without_gain": evals_without_gain,
                   "history": history, "stage": args.stage}
+        if prepared.stream:  # where this rank's stream goes on (the batch after the last one trained)
+            client["stream"] = dataclasses.asdict(position)
         tag = f"step{tag_step}"
         engine.save_checkpoint(str(ckpt_dir), tag=tag + PARTIAL, client_state=client, save_latest=False)
         fault("in_save", tag_step)
@@ -667,13 +1090,16 @@ def main(argv: list[str] | None = None) -> None:
 
     def micro_batches(first_step: int):
         """This rank's micro-batches from the one at first_step onwards (epochs reshuffle by seed)."""
+        if prepared.stream:
+            for at, examples in prepared.stream.batches(stream_start):
+                yield at.epoch, at, examples
         position = first_step * micro_per_step
         epoch, offset = divmod(position, batches_per_epoch)
         while True:
             global_batches = data.make_batches(train_examples, cfg.train.micro_batch_size, cfg.data.tokens_per_batch,
                                                cfg.train.seed, epoch, world)
             for position, indices in enumerate(global_batches[rank::world][offset:batches_per_epoch], offset):
-                yield epoch, position, [train_examples[i] for i in indices]
+                yield epoch, position, with_targets([train_examples[i] for i in indices], seq_kd_by_key)
             epoch, offset = epoch + 1, 0
 
     stream = micro_batches(step)
@@ -689,11 +1115,16 @@ def main(argv: list[str] | None = None) -> None:
         sums, counts = [0.0, 0.0, 0.0], [0, 0, 0, 0]  # counts: target, source, teacher and padded tokens
         step_start = time.perf_counter()
         skipped = None  # why this step changed no weights, if it did not
+        on_policy = args.stage == "distill" and is_on_policy_step(cfg.train.seed, step + 1,
+                                                                  cfg.distill.on_policy_ratio)
         for _ in range(micro_per_step):
             epoch, position, examples = next(stream)
-            batch = to_device(data.collate(examples, builder.pad_id, builder.bos_id, vocab.student_of,
-                                           tokenizer.pad_token_id), device)
-            parts = step_loss(args.stage, models, batch, cfg, timings)
+            if on_policy:
+                parts, batch = on_policy_loss(models, examples, builder, cfg.distill, device, timings)
+            else:
+                batch = to_device(data.collate(examples, builder.pad_id, builder.bos_id, vocab.student_of,
+                                               tokenizer.pad_token_id), device)
+                parts = step_loss(args.stage, models, batch, cfg, timings)
             if fault("loss", step + 1) and rank == 0:
                 parts = parts._replace(total=parts.total * float("nan"))
             start = time.perf_counter()
@@ -722,7 +1153,7 @@ def main(argv: list[str] | None = None) -> None:
             flops_per_s = models.flops(teacher_all, source_all, target_all) / elapsed if models.flops else 0.0
             record(run, {"step": step, "loss": total, "kd": kd, "ce": ce, "lr": engine.get_lr()[0],
                          "tokens_per_s": tokens_per_s, "tflops": flops_per_s / 1e12,
-                         **({"skipped": skipped} if skipped else {})})
+                         **({"on_policy": True} if on_policy else {}), **({"skipped": skipped} if skipped else {})})
             grad_norm = engine.get_global_grad_norm()
             scalars = [("loss/total", total), ("loss/kd", kd), ("loss/ce", ce), ("lr", engine.get_lr()[0]),
                        ("grad_norm", float(grad_norm or 0.0)), ("throughput/tokens_per_s", tokens_per_s),

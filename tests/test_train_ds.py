@@ -83,3 +83,25 @@ def test_teacher_logits_are_aligned_with_padding(tiny_teacher, small_corpus):
         for row, ex in enumerate(examples):
             alone = teacher(torch.tensor([ex.prompt_ids + ex.target_ids[:-1]])).logits[0, len(ex.prompt_ids) - 1:]
             torch.testing.assert_close(batched[row, :len(ex.target_ids)], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_streamed_corpus_trains_and_resumes_exactly(tiny_teacher, small_corpus, tmp_path):
+    """--data.stream_window: the train split read from a save_to_disk folder in 100-row windows; a run halted
+    at step 3 resumes at its saved stream position and ends with the uninterrupted run's losses."""
+    import datasets
+    pairs = {split: data.read_pairs(small_corpus / f"{split}.jsonl") for split in ("train", "valid")}
+    corpus = tmp_path / "arrow"
+    datasets.DatasetDict({name: datasets.Dataset.from_dict({"zh": [p.zh for p in ps], "en": [p.en for p in ps]})
+                          for name, ps in (("train", pairs["train"]), ("validation", pairs["valid"]))}
+                         ).save_to_disk(str(corpus))
+    args = ["--stage", "distill", "--teacher", str(tiny_teacher), "--data", str(corpus), "--max_steps", "6",
+            "--eval_every", "100", "--micro_batch_size", "8", "--data.tokens_per_batch", "0",
+            "--data.stream_window", "100", "--data.valid_subset", "4", "--data.vocab_size", "600",
+            "--warmup_steps", "2", "--log_every", "1"]
+    whole = tmp_path / "whole"
+    result = launch(*args, "--out", str(whole))
+    assert "streaming 600 train rows in windows of 100" in result.stdout
+    halted = tmp_path / "halted"
+    launch(*args, "--out", str(halted), "--halt_at", "3")
+    launch(*args, "--out", str(halted), "--resume")
+    assert step_losses(halted) == step_losses(whole) and sorted(step_losses(whole)) == list(range(1, 7))

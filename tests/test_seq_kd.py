@@ -1,0 +1,162 @@
+"""Sequence-level KD (--seq_kd) and on-policy KD (--on_policy_ratio) in train_ds.py.
+
+In-process: the teacher's cached greedy decoding over the student vocabulary equals decoding each example
+alone without a cache; the per-step and per-example choices are fixed by the seed; a cache made by another
+teacher is refused. On a real 2-rank ZeRO-3 CPU run: the teacher translations are made in lockstep, written to
+the cache, topped up, reused with no teacher generation, swapped in as targets, refused when the data changes;
+on-policy steps run in lockstep; resume stays exact with both on.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+from conftest import ROOT, free_port, launch
+
+sys.path.insert(0, str(ROOT))
+import train_ds  # noqa: E402
+
+RUN_ARGS = ["--stage", "distill", "--max_steps", "6", "--save_every", "3", "--eval_every", "100", "--keep", "5",
+            "--micro_batch_size", "8", "--data.tokens_per_batch", "0", "--data.valid_subset", "4",
+            "--data.vocab_size", "600", "--lr", "3e-3", "--warmup_steps", "2", "--log_every", "1",
+            "--seq_kd", "true", "--on_policy_ratio", "0.5"]
+
+
+def losses(run: Path) -> dict[int, float]:
+    entries = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {e["step"]: e["loss"] for e in entries if "eval" not in e}
+
+
+def on_policy_steps(run: Path) -> list[int]:
+    entries = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [e["step"] for e in entries if e.get("on_policy")]
+
+
+@pytest.fixture
+def single_process_group():
+    """A one-rank gloo group, so the lockstep helpers' all-reduces run in this process."""
+    import torch.distributed as dist
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    if started:
+        dist.destroy_process_group()
+
+
+def test_cached_teacher_decoding_equals_decoding_each_example_alone(tiny_teacher, small_corpus,
+                                                                  single_process_group):
+    """KV cache, left padding and position ids: the batched greedy decode over the K kept rows gives, for every
+    example, what a plain uncached loop over that example alone gives."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    pairs = data.read_pairs(small_corpus / "train.jsonl")
+    vocab = data.build_vocab_map(tokenizer, [p.zh for p in pairs] + [p.en for p in pairs], 600,
+                                 teacher.config.vocab_size)
+    builder = data.ExampleBuilder(tokenizer, vocab, 48, 12)
+    examples, _ = builder.examples(pairs[:5], ["zh-en", "en-zh"])
+    rows = teacher.lm_head.weight.detach()[torch.tensor(vocab.teacher_ids)]
+    made = train_ds.teacher_translate(teacher.model, rows, builder, examples, examples[0], 4, "cpu")
+    assert len(made) == len(examples)
+    bos, pad, eos = (tokenizer.convert_tokens_to_ids(t) for t in (data.BOS_TOKEN, data.PAD_TOKEN, data.EOS_TOKEN))
+    kept = torch.tensor(vocab.teacher_ids)
+    for example, (ids, finished) in zip(examples, made):
+        sequence, alone, ended = list(example.prompt_ids), [], False
+        with torch.no_grad():
+            for _ in range(builder.max_target_len - 1):
+                logits = teacher(torch.tensor([sequence])).logits[0, -1][kept]
+                logits[vocab.student_of[bos]] = float("-inf")
+                token = int(kept[logits.argmax()])
+                if token in (eos, pad):
+                    ended = True
+                    break
+                alone.append(token)
+                sequence.append(token)
+        assert (ids, finished) == (alone, ended)
+        assert all(t in vocab.student_of for t in ids)
+
+
+def test_step_and_example_choices_are_fixed_by_the_seed():
+    steps = [train_ds.is_on_policy_step(7, s, 0.3) for s in range(1, 2001)]
+    assert steps == [train_ds.is_on_policy_step(7, s, 0.3) for s in range(1, 2001)]
+    assert 0.25 < sum(steps) / len(steps) < 0.35
+    assert steps != [train_ds.is_on_policy_step(8, s, 0.3) for s in range(1, 2001)]
+    assert not any(train_ds.is_on_policy_step(7, s, 0.0) for s in range(1, 100))
+    assert all(train_ds.is_on_policy_step(7, s, 1.0) for s in range(1, 100))
+    examples = [data.Example(i % 2, [1], [1], [1], f"source {i}") for i in range(2000)]
+    chosen = [train_ds.uses_teacher_translation(7, e, 0.5) for e in examples]
+    assert 0.45 < sum(chosen) / len(chosen) < 0.55
+    assert chosen == [train_ds.uses_teacher_translation(7, e, 0.5) for e in examples]
+
+
+def test_a_cache_made_by_another_teacher_is_refused(tiny_teacher, tmp_path):
+    from safetensors.torch import load_file, save_file
+    header = {"seq_kd_cache": 1, "teacher": train_ds.teacher_fingerprint(tiny_teacher), "data": "d", "vocab": "v",
+              "max_target_len": 48, "decoding": "greedy over the student vocabulary"}
+    cache = tmp_path / "cache.jsonl"
+    train_ds.write_seq_kd_cache(cache, header, {"zh-en\t打开": {"ids": [5, 6], "finished": True, "text": "x"}}, None)
+    assert train_ds.read_seq_kd_cache(cache, header) == {"zh-en\t打开": {"ids": [5, 6], "finished": True}}
+    other = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, other)
+    weights = load_file(other / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.01  # a fine-tuned teacher: same size, new bytes
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    assert train_ds.teacher_fingerprint(other) != header["teacher"]
+    with pytest.raises(train_ds.SeqKDCacheError, match="stale seq_kd cache, made with another teacher"):
+        train_ds.read_seq_kd_cache(cache, {**header, "teacher": train_ds.teacher_fingerprint(other)})
+
+
+def test_seq_kd_and_on_policy_cache_reuse_resume_and_staleness(tiny_teacher, small_corpus, tmp_path):
+    cache = tmp_path / "teacher_translations.jsonl"
+
+    def args(run: Path, corpus: Path = small_corpus) -> list[str]:
+        return [*RUN_ARGS, "--teacher", str(tiny_teacher), "--data", str(corpus), "--out", str(run),
+                "--distill.seq_kd_cache", str(cache)]
+
+    # Half of the run's examples already have a (hand-made) translation in the cache: the run must translate only
+    # the other half with the teacher, train on the cached ones, and write the union back.
+    _, cfg = train_ds.parse_args(args(tmp_path / "full"))
+    prepared = train_ds.prepare_data("distill", cfg, tmp_path / "prep", 2)
+    header = train_ds.seq_kd_header(cfg, prepared)
+    scheduled = train_ds.scheduled_indices(prepared.train_examples, cfg, 2, prepared.batches_per_epoch,
+                                           prepared.total_steps)
+    keys = sorted({train_ds.example_key(prepared.train_examples[i]) for i in scheduled})
+    kept = prepared.vocab.teacher_ids
+    hand_made = {key: {"ids": kept[300 + n % 50:305 + n % 50], "finished": True} for n, key in enumerate(keys[::2])}
+    train_ds.write_seq_kd_cache(cache, header, hand_made, prepared.tokenizer)
+
+    result = launch(*args(tmp_path / "full"))
+    assert f"seq_kd: the teacher translates {len(keys) - len(hand_made)} training sources" in result.stdout
+    assert f"seq_kd: {len(hand_made)} of {len(scheduled)} scheduled examples train on the teacher's" in result.stdout
+    entries = [json.loads(line) for line in cache.read_text().splitlines()[1:]]
+    assert sorted(e["key"] for e in entries) == keys
+    assert all(e["ids"] == hand_made[e["key"]]["ids"] for e in entries if e["key"] in hand_made)
+    uninterrupted = losses(tmp_path / "full")
+    assert sorted(uninterrupted) == list(range(1, 7)) and on_policy_steps(tmp_path / "full")
+    assert len(on_policy_steps(tmp_path / "full")) < 6  # ratio 0.5: some steps of each kind
+
+    # Halted at step 3 and resumed: the cache is reused (no teacher generation) and the losses are the same
+    run = tmp_path / "halted"
+    result = launch(*args(run), "--halt_at", "3")
+    assert f"seq_kd: all {len(keys)} teacher translations found in cache {cache}; no teacher generation" \
+        in result.stdout
+    result = launch(*args(run), "--resume")
+    assert "no teacher generation" in result.stdout
+    resumed = losses(run)
+    assert all(resumed[s] == uninterrupted[s] for s in range(1, 7)), (resumed, uninterrupted)
+
+    # Another corpus (one training pair fewer) with the same cache: refused before any model loads, in one line
+    corpus = tmp_path / "corpus"
+    shutil.copytree(small_corpus, corpus)
+    lines = (corpus / "train.jsonl").read_text().splitlines(keepends=True)
+    (corpus / "train.jsonl").write_text("".join(lines[1:]))
+    result = launch(*args(tmp_path / "stale", corpus), check=False)
+    assert result.returncode != 0
+    assert f"train_ds.py: {cache}: stale seq_kd cache, made with another training corpus" in result.stderr
+    assert "Traceback" not in result.stderr
