@@ -763,6 +763,13 @@ def consolidated_state(engine) -> dict:
 PARTIAL = ".partial"  # suffix of a checkpoint folder still being written
 
 
+def saved_client_state(folder: Path) -> dict:
+    """A checkpoint's client state (step, total_steps, ...) before any engine exists: the first model-states file,
+    memory-mapped (under ZeRO-3 it holds shapes and buffers, not weights); {} when there is none."""
+    files = sorted(folder.glob("*model_states.pt"))
+    return torch.load(files[0], map_location="cpu", weights_only=False, mmap=True) if files else {}
+
+
 def publish_checkpoint(folder: Path, tag: str) -> None:
     """Rename folder/<tag>.partial to folder/<tag>, then point `latest` at it (atomically, fsynced)."""
     final = folder / tag
@@ -1039,6 +1046,19 @@ def main(argv: list[str] | None = None) -> None:
     resume_tag = args.resume
     if resume_tag == "latest" and (ckpt_dir / "latest").is_file():
         resume_tag = (ckpt_dir / "latest").read_text().strip()
+    if resume_tag and not resume_tag.endswith("_universal"):  # ZeRO shards load only on as many ranks as saved them
+        saved_ranks = len(list((ckpt_dir / resume_tag).glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+        if saved_ranks and saved_ranks != world:
+            raise SystemExit(f"train_ds.py: --resume: {ckpt_dir / resume_tag} was saved by {saved_ranks} ranks and "
+                             f"this run has {world}; convert it first (RUN={run} TAG={resume_tag} bash "
+                             "scripts/convert_checkpoint.sh), then --resume with any number of ranks"
+                             if is_main() else 1)
+    if resume_tag and not cfg.train.max_steps:  # --epochs: the schedule keeps the length in steps it started with
+        saved_total = saved_client_state(ckpt_dir / resume_tag).get("total_steps")
+        if saved_total and saved_total != total_steps:
+            log.info("schedule: %d steps, as the run started (%d ranks would make it %d); --grad_accum keeps the "
+                     "global batch, and so the epochs", saved_total, world, total_steps)
+            prepared.total_steps = total_steps = saved_total
     models = build_models(args.stage, cfg, prepared, run, world, use_bf16, on_gpu, device,
                           load_universal=bool(resume_tag) and resume_tag.endswith("_universal"))
     engine = models.engine
@@ -1049,14 +1069,18 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- resume: weights, optimiser, scheduler and the data position
     step, best_bleu, evals_without_gain, history = 0, -1.0, 0, []
+    batches_done = 0  # micro-batches consumed by all ranks together: the data position, whatever the rank count
     stream_start = data.StreamPosition()
     if args.resume:
-        path, client = engine.load_checkpoint(str(ckpt_dir), tag=None if args.resume == "latest" else args.resume)
+        # the tag `latest` named: under load_universal DeepSpeed would read its own pointer, latest_universal
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag=None if resume_tag == "latest" else resume_tag)
         if path is None:
             raise SystemExit(f"train_ds.py: --resume {args.resume}: no checkpoint in {ckpt_dir}")
         step, best_bleu = client["step"], client["best_bleu"]
         stream_start = data.StreamPosition(**client.get("stream", {}))
         evals_without_gain, history = client["evals_without_gain"], client["history"]
+        # checkpoints saved before batches_done was: on as many ranks as now (others were refused above)
+        batches_done = client.get("batches_done", step * cfg.train.grad_accum * world)
         log.info("resumed from %s at step %d", path, step)
 
     # ---- stop requests: a pre-empted job saves before it goes
@@ -1072,7 +1096,8 @@ def main(argv: list[str] | None = None) -> None:
         """Every rank writes its shards under a partial name; once all are done rank 0 renames the folder
         and only then moves `latest`: a crash at any point leaves the previous checkpoint the latest."""
         client = {"step": tag_step, "best_bleu": best_bleu, "evals_without_gain": evals_without_gain,
-                  "history": history, "stage": args.stage}
+                  "history": history, "stage": args.stage,
+                  "batches_done": batches_done, "total_steps": total_steps}
         if prepared.stream:  # where this rank's stream goes on (the batch after the last one trained)
             client["stream"] = dataclasses.asdict(position)
         tag = f"step{tag_step}"
@@ -1088,13 +1113,13 @@ def main(argv: list[str] | None = None) -> None:
     writer = SummaryWriter(str(run / "tb")) if is_main() else None
     micro_per_step = cfg.train.grad_accum
 
-    def micro_batches(first_step: int):
-        """This rank's micro-batches from the one at first_step onwards (epochs reshuffle by seed)."""
+    def micro_batches(done: int):
+        """This rank's micro-batches after the first `done` of all ranks together (epochs reshuffle by seed): a run
+        resumed on another number of ranks goes on where the data stopped, repeating fewer than `world` batches."""
         if prepared.stream:
             for at, examples in prepared.stream.batches(stream_start):
                 yield at.epoch, at, examples
-        position = first_step * micro_per_step
-        epoch, offset = divmod(position, batches_per_epoch)
+        epoch, offset = divmod(done // world, batches_per_epoch)
         while True:
             global_batches = data.make_batches(train_examples, cfg.train.micro_batch_size, cfg.data.tokens_per_batch,
                                                cfg.train.seed, epoch, world)
@@ -1102,7 +1127,7 @@ def main(argv: list[str] | None = None) -> None:
                 yield epoch, position, with_targets([train_examples[i] for i in indices], seq_kd_by_key)
             epoch, offset = epoch + 1, 0
 
-    stream = micro_batches(step)
+    stream = micro_batches(batches_done)
     progress = None
     if is_main():
         from tqdm import tqdm
@@ -1143,6 +1168,7 @@ def main(argv: list[str] | None = None) -> None:
                                                      int(batch["teacher_attention_mask"].sum()),
                                                      batch["labels"].numel() + batch["source_ids"].numel()))]
         step += 1
+        batches_done += micro_per_step * world
         total, kd, ce, *counts_all = mean_across_ranks([s / micro_per_step for s in sums] + counts, device)
         bad_steps = bad_steps + 1 if skipped else 0
         skipped_total += bool(skipped)

@@ -103,9 +103,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(*args: str, fault: str = "", check: bool = True) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus 2 train_ds.py ARGS` on two CPU ranks; fault sets $RK_DISTILL_FAULT (train_ds.fault)."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+def launch(*args: str, fault: str = "", check: bool = True, num_gpus: int = 2) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus N train_ds.py ARGS` on N CPU ranks; fault sets $RK_DISTILL_FAULT (train_ds.fault)."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus), "--master_port",
+           str(free_port()),
            "train_ds.py", *args]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "RK_DISTILL_FAULT": fault})
@@ -117,7 +118,8 @@ def launch(*args: str, fault: str = "", check: bool = True) -> subprocess.Comple
 # What scripts/*.sh read from the environment: only the values a test passes may reach them.
 SCRIPT_VARIABLES = ("TEACHER", "DATA", "OUT", "PRESET", "DS_CONFIG", "TEACHER_DS_CONFIG", "MICRO_BATCH", "GRAD_ACCUM",
                     "LR", "EPOCHS", "KD_LOSS", "NUM_GPUS", "HOSTFILE", "NUM_NODES", "MASTER_ADDR", "MASTER_PORT",
-                    "LAUNCHER_ARGS", "DEEPSPEED", "DRY_RUN", "HOST", "RUN", "DIST", "SFT_STEPS", "DISTILL_STEPS")
+                    "LAUNCHER_ARGS", "DEEPSPEED", "DRY_RUN", "HOST", "RUN", "DIST", "SFT_STEPS", "DISTILL_STEPS",
+                    "TAG", "EXTRACT_WORKERS", "MERGE_WORKERS", "PYTHON")
 
 
 def run_script(script: str, env: dict[str, str], *args: str, timeout: int = 600,
