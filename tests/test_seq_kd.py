@@ -8,7 +8,9 @@ on-policy steps run in lockstep; resume stays exact with both on.
 """
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -152,11 +154,15 @@ def test_seq_kd_and_on_policy_cache_reuse_resume_and_staleness(tiny_teacher, sma
     assert all(resumed[s] == uninterrupted[s] for s in range(1, 7)), (resumed, uninterrupted)
 
     # Another corpus (one training pair fewer) with the same cache: refused before any model loads, in one line
+    # (one process without the launcher: the refusal comes before any collective)
     corpus = tmp_path / "corpus"
     shutil.copytree(small_corpus, corpus)
     lines = (corpus / "train.jsonl").read_text().splitlines(keepends=True)
     (corpus / "train.jsonl").write_text("".join(lines[1:]))
-    result = launch(*args(tmp_path / "stale", corpus), check=False)
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    result = subprocess.run([sys.executable, "train_ds.py", *args(tmp_path / "stale", corpus)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert f"train_ds.py: {cache}: stale seq_kd cache, made with another training corpus" in result.stderr
     assert "Traceback" not in result.stderr
