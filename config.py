@@ -96,9 +96,11 @@ class DistillConfig:
                                     "rank (no all-gather per step), sharded = ZeRO-3 partitions gathered per "
                                     "layer, offload = partitions in CPU memory (slowest); auto picks by free "
                                     "memory and logs why", choices=("auto", "resident", "sharded", "offload"))
-    seq_kd: bool = _field(False, "sequence-level KD: the student trains on the teacher's greedy translation of each "
+    seq_kd: bool = _field(True, "sequence-level KD: the student trains on the teacher's greedy translation of each "
                           "training source (decoded over the student's vocabulary, once, before step 1, into "
-                          "distill.seq_kd_cache) instead of the reference, still with the token-level KD term")
+                          "distill.seq_kd_cache) instead of the reference, still with the token-level KD term; "
+                          "the default because it trained the best students in bench/kd_methods.py (README); "
+                          "false = the references")
     seq_kd_ratio: float = _field(1.0, "with seq_kd: share of training examples (fixed per example by the seed) that "
                                  "use the teacher's translation; the rest keep the reference", low=0.0, high=1.0)
     seq_kd_cache: str = _field("", "with seq_kd: JSONL file of the teacher's translations, reused across epochs, "
@@ -328,8 +330,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             extra = f" (one of: {', '.join(f.metadata['choices'])})" if f.metadata.get("choices") else ""
             if f.metadata.get("low") is not None:
                 extra += f" (range {f.metadata['low']:g} to {f.metadata['high']:g})"
-            group.add_argument(*names, dest=dotted, default=None, metavar=f.name.upper(),
-                               help=f"{f.metadata['help']}{extra} [default: {default}]")
+            switch = {"nargs": "?", "const": "true"} if isinstance(default, bool) else {}  # --seq_kd = --seq_kd true
+            shown = str(default).lower() if switch else default
+            group.add_argument(*names, dest=dotted, default=None, metavar="true|false" if switch else f.name.upper(),
+                               help=f"{f.metadata['help']}{extra} [default: {shown}]", **switch)
 
 
 def from_args(args: argparse.Namespace) -> Config:

@@ -313,8 +313,9 @@ class StudentForTranslation(PreTrainedModel):
     @torch.no_grad()
     def generate(self, source_ids: torch.Tensor, source_mask: torch.Tensor, direction: torch.Tensor,
                  max_new_tokens: int | None = None, num_beams: int = 1, use_cache: bool = True,
-                 all_done=None) -> list[list[int]]:
-        """Greedy (num_beams=1) or beam search; returns token ids per sentence without bos/eos.
+                 all_done=None, temperature: float = 0.0) -> list[list[int]]:
+        """Greedy (num_beams=1), beam search, or sampling (temperature > 0: from the softened distribution, never
+        bos or pad); returns token ids per sentence without bos/eos: a sentence of max_new_tokens ids never ended.
 
         all_done(local_done) -> bool lets distributed callers stop only when every rank is done: under
         ZeRO-3 a rank that stopped early would leave the others waiting for its parameter gathers.
@@ -333,7 +334,13 @@ class StudentForTranslation(PreTrainedModel):
                 hidden, states = self.decode(tokens[:, -1:], direction, memory, src_bias, states, step, memory_kv)
             else:
                 hidden, _ = self.decode(tokens, direction, memory, src_bias, memory_kv=memory_kv)
-            next_token = self.output_logits(hidden[:, -1]).argmax(-1)
+            logits = self.output_logits(hidden[:, -1])
+            if temperature > 0:
+                logits = logits.float() / temperature
+                logits[:, [self.config.bos_token_id, self.config.pad_token_id]] = float("-inf")
+                next_token = torch.multinomial(torch.softmax(logits, -1), 1)[:, 0]
+            else:
+                next_token = logits.argmax(-1)
             next_token = next_token.masked_fill(done, self.config.pad_token_id)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             done |= next_token == self.config.eos_token_id

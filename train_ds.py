@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ import torch.distributed as dist
 
 import config as config_lib
 import data
+import seq_kd
 from kd_loss import LossParts, fused_distill_loss
 
 log = logging.getLogger("train_ds")
@@ -309,247 +309,7 @@ def sft_step(teacher, batch: dict, timings: dict) -> LossParts:
     return LossParts(ce, ce.new_zeros(()), ce.detach(), tokens)
 
 
-# ----------------------------------------------------------------------------- sequence-level KD and on-policy KD
-# seq_kd: the student trains on the teacher's own greedy translation of each source instead of the reference.
-# The translations are made once, before step 1, by the frozen teacher decoding over the student's K kept ids
-# (its body, a KV cache, and the kept output rows: argmax over K rows is a student id), sharded across ranks in
-# lockstep, gathered, and written by rank 0 to a JSONL cache keyed by example. Training then only reads it, so a
-# target is a pure function of its example: a resumed run (or a later epoch) reads the very ids the uninterrupted
-# run read, whatever batch each translation was decoded in. (Decoding per training batch instead would redo the
-# teacher's work every epoch and on every resume, and make a target depend on its batch's padding numerics.)
-#
-# on-policy: on a share of steps, chosen from (seed, step) so every rank and every resume agree, the student
-# samples its own translation of each source (temperature 1, in evaluation mode, every rank stepping together),
-# the teacher scores it token by token (prompt + sample, teacher forcing), and the KD term is taken on the sample;
-# the (1 - alpha) CE term stays on the reference target, so on-policy steps change where the KD term is measured,
-# not the mix of the loss (CE against the student's own sample would only teach it to repeat itself).
-
-SEQ_KD_CACHE_VERSION = 1
-FINGERPRINT_SAMPLES, FINGERPRINT_BLOCK = 64, 1 << 16
-
-
-class SeqKDCacheError(config_lib.ConfigError):
-    """A seq_kd cache made for another teacher, corpus, vocabulary or decoding length (one line)."""
-
-
-def teacher_fingerprint(folder: str | Path) -> str:
-    """sha256 of the teacher's config.json and, for every weight file, its name, size and 64 evenly spaced 64 KiB
-    blocks (4 MiB read per file however large: any fine-tuning changes every tensor, so every block)."""
-    folder = Path(folder)
-    digest = hashlib.sha256((folder / "config.json").read_bytes())
-    weights = sorted(p for pattern in ("*.safetensors", "*.bin", "*.pt") for p in folder.glob(pattern))
-    for path in weights:
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with path.open("rb") as handle:
-            for k in range(FINGERPRINT_SAMPLES):
-                handle.seek(k * max(0, size - FINGERPRINT_BLOCK) // (FINGERPRINT_SAMPLES - 1))
-                digest.update(handle.read(FINGERPRINT_BLOCK))
-    return digest.hexdigest()
-
-
-def example_key(example: data.Example) -> str:
-    """What a teacher translation depends on besides the teacher: direction and source text."""
-    return f"{config_lib.DIRECTIONS[example.direction]}\t{example.source_text}"
-
-
-def seq_kd_header(cfg: config_lib.Config, prepared: "RunData") -> dict:
-    """What a cache must have been made with to be reused: teacher, corpus sources, vocabulary, decoding length."""
-    sources = hashlib.sha256("\n".join(example_key(e) for e in prepared.train_examples).encode()).hexdigest()
-    vocab = prepared.vocab
-    vocab_sha = hashlib.sha256(json.dumps([vocab.teacher_ids, vocab.tokenizer_sha256]).encode()).hexdigest()
-    return {"seq_kd_cache": SEQ_KD_CACHE_VERSION, "teacher": teacher_fingerprint(cfg.train.teacher),
-            "data": sources, "vocab": vocab_sha, "max_target_len": cfg.model.max_target_len,
-            "decoding": "greedy over the student vocabulary"}
-
-
-def seq_kd_cache_path(cfg: config_lib.Config, run: Path) -> Path:
-    return Path(cfg.distill.seq_kd_cache) if cfg.distill.seq_kd_cache else run / "seq_kd_cache.jsonl"
-
-
-def read_seq_kd_cache(path: Path, header: dict) -> dict[str, dict]:
-    """Entries {key: {"ids": teacher ids, "finished": bool}} of a cache made like header says; {} when absent.
-    A cache made otherwise is refused: its translations would silently train on another teacher's outputs."""
-    if not path.is_file():
-        return {}
-    with path.open(encoding="utf-8") as handle:
-        first = handle.readline()
-        try:
-            saved = json.loads(first)
-        except ValueError:
-            saved = None
-        if not isinstance(saved, dict) or saved.get("seq_kd_cache") != SEQ_KD_CACHE_VERSION:
-            raise SeqKDCacheError(f"{path}: not a seq_kd cache (version {SEQ_KD_CACHE_VERSION}); delete it or give "
-                                  "another --distill.seq_kd_cache")
-        stale = [name for name in ("teacher", "data", "vocab", "max_target_len", "decoding")
-                 if saved.get(name) != header[name]]
-        if stale:
-            what = {"teacher": "another teacher", "data": "another training corpus", "vocab": "another vocabulary",
-                    "max_target_len": "another model.max_target_len", "decoding": "another decoding"}
-            raise SeqKDCacheError(f"{path}: stale seq_kd cache, made with {' and '.join(what[s] for s in stale)} "
-                                  f"({', '.join(stale)} fingerprint differs); delete it or pass another "
-                                  "--distill.seq_kd_cache")
-        entries = {}
-        for line in handle:
-            if line.strip():
-                entry = json.loads(line)
-                entries[entry["key"]] = {"ids": entry["ids"], "finished": entry["finished"]}
-    return entries
-
-
-def write_seq_kd_cache(path: Path, header: dict, entries: dict[str, dict], tokenizer) -> None:
-    """Header line, then one line per example (ids in teacher space and the text, for reading); atomic."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.write(json.dumps(header) + "\n")
-        for key in sorted(entries):
-            entry = entries[key]
-            text = entry.get("text")
-            if text is None:
-                text = tokenizer.decode(entry["ids"], skip_special_tokens=True)
-            handle.write(json.dumps({"key": key, "ids": entry["ids"], "finished": entry["finished"], "text": text},
-                                    ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def unit_fraction(*parts) -> float:
-    """A number in [0, 1) fixed by parts (the same on every rank, run and Python process)."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2 ** 64
-
-
-def uses_teacher_translation(seed: int, example: data.Example, ratio: float) -> bool:
-    return ratio >= 1.0 or (ratio > 0.0 and unit_fraction("seq_kd", seed, example_key(example)) < ratio)
-
-
-def is_on_policy_step(seed: int, step: int, ratio: float) -> bool:
-    """Whether step (1-based) trains on the student's own samples; a function of (seed, step) alone."""
-    return ratio >= 1.0 or (ratio > 0.0 and unit_fraction("on_policy", seed, step) < ratio)
-
-
-def scheduled_indices(examples: list, cfg: config_lib.Config, world: int, batches_per_epoch: int,
-                      total_steps: int) -> list[int]:
-    """Indices of the training examples some rank trains on in steps 1..total_steps (the loop's own schedule)."""
-    positions, epoch, used = total_steps * cfg.train.grad_accum, 0, set()
-    while positions > 0 and len(used) < len(examples):
-        take = min(positions, batches_per_epoch)  # rank r's offset o is global batch o * world + r
-        for batch in data.make_batches(examples, cfg.train.micro_batch_size, cfg.data.tokens_per_batch,
-                                       cfg.train.seed, epoch, world)[:take * world]:
-            used.update(batch)
-        positions, epoch = positions - take, epoch + 1
-    return sorted(used)
-
-
-def teacher_translate(teacher, teacher_rows: torch.Tensor, builder: data.ExampleBuilder, examples: list,
-                      filler: data.Example, batch_size: int, device) -> list[tuple[list[int], bool]]:
-    """Greedy translations (teacher ids, without the end token; finished = the end token came) of this rank's
-    examples, decoded by the teacher body with a KV cache over the student's K kept ids.
-
-    Every rank calls it, with its own share (possibly none): under ZeRO-3 each teacher forward is a collective,
-    so all ranks run the same number of batches (a rank out of work decodes `filler`) and the same number of
-    steps per batch (a done flag is all-reduced after every token, as the student's generate does).
-    """
-    chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
-    count = torch.tensor([len(chunks)], device=device)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    teacher_of = torch.tensor(builder.vocab.teacher_ids, device=device)
-    rows = teacher_rows.float()
-    pad = builder.tokenizer.pad_token_id
-    results: list[tuple[list[int], bool]] = []
-    for index in range(int(count.item())):
-        real = index < len(chunks)
-        chunk = chunks[index] if real else [filler]
-        width = max(len(e.prompt_ids) for e in chunk)
-        input_ids = torch.tensor([[pad] * (width - len(e.prompt_ids)) + e.prompt_ids for e in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(e.prompt_ids)) + [1] * len(e.prompt_ids) for e in chunk],
-                            device=device)
-        lengths = mask.sum(1)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        done = torch.full((len(chunk),), not real, dtype=torch.bool, device=device)
-        steps: list[torch.Tensor] = []
-        with torch.no_grad():
-            out = teacher(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-            for step in range(builder.max_target_len - 1):  # room for the end token in the example
-                logits = out.last_hidden_state[:, -1].float() @ rows.T
-                logits[:, builder.bos_id] = float("-inf")
-                token = logits.argmax(-1)
-                token = torch.where(token == builder.pad_id, builder.eos_id, token)  # Qwen's other stop token
-                token = token.masked_fill(done, builder.pad_id)
-                steps.append(token)
-                done |= token == builder.eos_id
-                if not any_rank(not bool(done.all()), device):
-                    break
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                out = teacher(input_ids=teacher_of[token][:, None], attention_mask=mask,
-                              position_ids=(lengths + step)[:, None], past_key_values=out.past_key_values,
-                              use_cache=True)
-        if real:
-            for row in torch.stack(steps, dim=1).tolist():
-                ids = []
-                for token in row:
-                    if token == builder.eos_id:
-                        break
-                    ids.append(builder.vocab.teacher_ids[token])
-                results.append((ids, builder.eos_id in row))
-    return results
-
-
-def seq_kd_targets(cfg: config_lib.Config, prepared: "RunData", models: "Models", header: dict,
-                   cached: dict[str, dict], path: Path, device) -> dict[str, list[int]]:
-    """{example key: the teacher's translation as target ids (end token included)} for the scheduled examples
-    seq_kd picks (with_targets swaps them in; the others, and those whose teacher translation is empty or never
-    ended, keep the reference). Translations the cache lacks are made now, before step 1, sharded across
-    ranks; rank 0 rewrites the cache with them."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    examples, builder = prepared.train_examples, prepared.builder
-    scheduled = scheduled_indices(examples, cfg, world, prepared.batches_per_epoch, prepared.total_steps)
-    chosen = [i for i in scheduled if uses_teacher_translation(cfg.train.seed, examples[i], cfg.distill.seq_kd_ratio)]
-    first_of: dict[str, int] = {}
-    for i in chosen:
-        first_of.setdefault(example_key(examples[i]), i)
-    missing = sorted((i for key, i in first_of.items() if key not in cached),
-                     key=lambda i: (len(examples[i].prompt_ids), i))
-    if missing:
-        log.info("seq_kd: the teacher translates %d training sources (%d of %d in cache %s) ...", len(missing),
-                 len(first_of) - len(missing), len(first_of), path)
-        start = time.perf_counter()
-        batch = 4 * cfg.train.micro_batch_size
-        chunks = [missing[i:i + batch] for i in range(0, len(missing), batch)]
-        mine = [i for chunk in chunks[rank::world] for i in chunk]
-        made = teacher_translate(models.teacher, models.teacher_rows, builder, [examples[i] for i in mine],
-                                 examples[missing[0]], batch, device)
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, [(example_key(examples[i]), ids, done) for i, (ids, done) in zip(mine, made)])
-        for part in gathered:
-            for key, ids, done in part:
-                cached[key] = {"ids": ids, "finished": done}
-        if is_main():
-            write_seq_kd_cache(path, header, cached, builder.tokenizer)
-        dist.barrier()
-        log.info("seq_kd: %d teacher translations in %.1f s, cached in %s", len(missing),
-                 time.perf_counter() - start, path)
-    else:
-        log.info("seq_kd: all %d teacher translations found in cache %s; no teacher generation", len(first_of), path)
-    targets = {}
-    for key in first_of:
-        entry = cached[key]
-        if entry["ids"] and entry["finished"]:
-            targets[key] = entry["ids"] + [builder.eos_teacher_id]
-    log.info("seq_kd: %d of %d scheduled examples train on the teacher's translation (ratio %.2f); %d keep the "
-             "reference because the teacher's was empty or never ended",
-             sum(example_key(examples[i]) in targets for i in chosen), len(scheduled), cfg.distill.seq_kd_ratio,
-             sum(example_key(examples[i]) not in targets for i in chosen))
-    return targets
-
-
-def with_targets(examples: list, targets: dict[str, list[int]]) -> list:
-    """examples with the target ids targets holds for their key (seq_kd), the others as they are."""
-    if not targets:
-        return examples
-    return [dataclasses.replace(e, target_ids=targets[k]) if (k := example_key(e)) in targets else e
-            for e in examples]
-
+# ----------------------------------------------------------------------------- on-policy KD (seq_kd.py says why)
 
 @contextlib.contextmanager
 def whole_student(engine):
@@ -575,38 +335,6 @@ def whole_student(engine):
             offload._register_deepspeed_module(offload.module)
 
 
-@torch.no_grad()
-def sample_student(model, batch: dict, builder: data.ExampleBuilder, device, temperature: float = 1.0) -> list:
-    """One sampled translation per source from the student's own distribution (student ids, the end token
-    included when it came), every rank stepping together until all are done (ZeRO-3 gathers per forward)."""
-    memory, src_bias = model.encode(batch["source_ids"], batch["source_mask"], batch["direction"])
-    memory_kv = [layer.memory_kv(memory) for layer in model.decoder]
-    rows = batch["source_ids"].shape[0]
-    tokens = torch.full((rows, 1), builder.bos_id, dtype=torch.long, device=device)
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
-    states = None
-    for step in range(builder.max_target_len):
-        hidden, states = model.decode(tokens[:, -1:], batch["direction"], memory, src_bias, states, step, memory_kv)
-        logits = model.output_logits(hidden[:, -1]).float() / temperature
-        logits[:, [builder.bos_id, builder.pad_id]] = float("-inf")  # never a target token
-        token = torch.multinomial(torch.softmax(logits, -1), 1)[:, 0].masked_fill(done, builder.pad_id)
-        tokens = torch.cat([tokens, token[:, None]], dim=1)
-        done |= token == builder.eos_id
-        if not any_rank(not bool(done.all()), device):
-            break
-    samples = []
-    for row in tokens[:, 1:].tolist():
-        ids = []
-        for token in row:
-            if token == builder.pad_id:
-                break
-            ids.append(token)
-            if token == builder.eos_id:
-                break
-        samples.append(ids)
-    return samples
-
-
 def on_policy_loss(models: "Models", examples: list, builder: data.ExampleBuilder, cfg: config_lib.DistillConfig,
                    device, timings: dict) -> tuple[LossParts, dict]:
     """alpha * T^2 * D(teacher, student) on the student's own samples + (1 - alpha) * CE on the reference, in one
@@ -617,11 +345,14 @@ def on_policy_loss(models: "Models", examples: list, builder: data.ExampleBuilde
                                        pad_teacher), device)
     start = time.perf_counter()
     engine.module.eval()  # sample from the student's distribution, not a dropout-perturbed one
-    with whole_student(engine):
-        samples = sample_student(engine.module, reference, builder, device)
+    with whole_student(engine), torch.no_grad():
+        samples = engine.module.generate(reference["source_ids"], reference["source_mask"], reference["direction"],
+                                         all_done=lambda done: not any_rank(not done, device), temperature=1.0)
     engine.module.train()
-    sampled = [dataclasses.replace(e, target_ids=[builder.vocab.teacher_ids[t] for t in ids] or
-                                   [builder.eos_teacher_id]) for e, ids in zip(examples, samples)]
+    ended = [builder.eos_teacher_id]  # a sample shorter than the limit ended with the end token
+    sampled = [dataclasses.replace(e, target_ids=[builder.vocab.teacher_ids[t] for t in ids] +
+                                   (ended if len(ids) < builder.max_target_len else []))
+               for e, ids in zip(examples, samples)]
     timings["student"] += time.perf_counter() - start
     start = time.perf_counter()
     scored = to_device(data.collate(sampled, builder.pad_id, builder.bos_id, builder.vocab.student_of, pad_teacher),
@@ -755,8 +486,10 @@ def save_folder(stage: str, state_dict: dict, cfg: config_lib.Config, run: Path,
 
 
 def consolidated_state(engine) -> dict:
-    """Full weights gathered from every rank's shards (all ranks must call it); rank 0 gets them all."""
-    state = engine._consolidated_16bit_state_dict()
+    """Full weights gathered from every rank's shards (all ranks must call it); rank 0 gets them all. Below
+    ZeRO-3 (ds_configs/zero2.json) every rank already holds them whole."""
+    state = (engine._consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3
+             else engine.module.state_dict())
     return {k: v.detach().cpu().clone() for k, v in state.items()} if is_main() else {}
 
 
@@ -858,7 +591,8 @@ def prepare_data(stage: str, cfg: config_lib.Config, run: Path, world: int) -> R
     streaming = cfg.data.stream_window > 0
     if streaming and (not cfg.train.max_steps or cfg.distill.seq_kd):
         raise config_lib.ConfigError("--data.stream_window needs --max_steps (a stream has no epoch length "
-                                     "known in advance) and no --seq_kd (its cache covers the whole corpus)")
+                                     "known in advance) and --seq_kd false (seq_kd translates every scheduled "
+                                     "example before step 1, which a stream exists to avoid)")
     try:  # every problem in the splits is listed before step 1, not the first one at hour 30
         splits = data.load_splits(cfg.data.path, ("valid",) if streaming else ("train", "valid"),
                                   cfg.data.on_bad_line, cfg.data.max_chars)
@@ -1036,11 +770,11 @@ def main(argv: list[str] | None = None) -> None:
         if Path(cfg.train.teacher, "generation_config.json").is_file():
             shutil.copy(Path(cfg.train.teacher, "generation_config.json"), run / "teacher_config")
 
-    seq_kd = args.stage == "distill" and cfg.distill.seq_kd
-    if seq_kd:  # a stale cache is refused here, before any model is loaded
-        seq_kd_path = seq_kd_cache_path(cfg, run)
-        seq_kd_head = seq_kd_header(cfg, prepared)
-        seq_kd_cached = read_seq_kd_cache(seq_kd_path, seq_kd_head)
+    use_seq_kd = args.stage == "distill" and cfg.distill.seq_kd
+    if use_seq_kd:  # a stale cache is refused here, before any model is loaded
+        seq_kd_path = seq_kd.cache_path(cfg, run)
+        seq_kd_head = seq_kd.cache_header(cfg, train_examples, vocab)
+        seq_kd_cached = seq_kd.read_cache(seq_kd_path, seq_kd_head)
 
     # ---- models: the teacher (frozen and placed by memory, or trained in sft) and the student
     resume_tag = args.resume
@@ -1064,8 +798,10 @@ def main(argv: list[str] | None = None) -> None:
     engine = models.engine
     peak = peak_flops(on_gpu)
     # seq_kd: the teacher's cached translation replaces the reference as target, example by example
-    seq_kd_by_key = (seq_kd_targets(cfg, prepared, models, seq_kd_head, seq_kd_cached, seq_kd_path, device)
-                     if seq_kd else {})
+    seq_kd_by_key = (seq_kd.teacher_targets(cfg, prepared, models.teacher, models.teacher_rows, seq_kd_head,
+                                            seq_kd_cached, seq_kd_path, device,
+                                            all_done=lambda done: not any_rank(not done, device))
+                     if use_seq_kd else {})
 
     # ---- resume: weights, optimiser, scheduler and the data position
     step, best_bleu, evals_without_gain, history = 0, -1.0, 0, []
@@ -1124,7 +860,7 @@ def main(argv: list[str] | None = None) -> None:
             global_batches = data.make_batches(train_examples, cfg.train.micro_batch_size, cfg.data.tokens_per_batch,
                                                cfg.train.seed, epoch, world)
             for position, indices in enumerate(global_batches[rank::world][offset:batches_per_epoch], offset):
-                yield epoch, position, with_targets([train_examples[i] for i in indices], seq_kd_by_key)
+                yield epoch, position, seq_kd.with_targets([train_examples[i] for i in indices], seq_kd_by_key)
             epoch, offset = epoch + 1, 0
 
     stream = micro_batches(batches_done)
@@ -1140,8 +876,8 @@ def main(argv: list[str] | None = None) -> None:
         sums, counts = [0.0, 0.0, 0.0], [0, 0, 0, 0]  # counts: target, source, teacher and padded tokens
         step_start = time.perf_counter()
         skipped = None  # why this step changed no weights, if it did not
-        on_policy = args.stage == "distill" and is_on_policy_step(cfg.train.seed, step + 1,
-                                                                  cfg.distill.on_policy_ratio)
+        on_policy = args.stage == "distill" and seq_kd.is_on_policy_step(cfg.train.seed, step + 1,
+                                                                         cfg.distill.on_policy_ratio)
         for _ in range(micro_per_step):
             epoch, position, examples = next(stream)
             if on_policy:

@@ -30,6 +30,13 @@ def test_json_file_and_lists(tmp_path):
     assert parse(["--data.directions", "zh-en,en-zh"]).data.directions == ["zh-en", "en-zh"]
 
 
+def test_a_bare_switch_means_true():
+    assert parse([]).distill.seq_kd is True
+    assert parse(["--seq_kd", "false"]).distill.seq_kd is False
+    assert parse(["--seq_kd", "false", "--seq_kd"]).distill.seq_kd is True
+    assert parse(["--trust_remote_code", "--max_steps", "3"]).train.trust_remote_code is True
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model.d_model", "8"], "model.d_model: 8 is out of range; allowed 16 to 2048"),
     (["--model.decoder", "lstm"], "model.decoder: 'lstm' is not allowed; choose one of transformer, recurrent"),

@@ -5,13 +5,11 @@ deploy/setup_rknn_env.sh, which takes a minute or two); its pure helpers need on
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -30,17 +28,9 @@ KINDS = ("recurrent", "transformer")
 W8A8_MIN_COS = 0.98
 
 
-def load_converter() -> ModuleType:
-    """deploy/convert_rknn.py as a module; at import time it needs only numpy, so the main venv can load it."""
-    spec = importlib.util.spec_from_file_location("convert_rknn", CONVERTER)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-cr = load_converter()
+# deploy/convert_rknn.py needs only numpy at import time, so the main venv can import it
+sys.path.insert(0, str(REPO / "deploy"))
+import convert_rknn as cr  # noqa: E402
 
 
 

@@ -92,6 +92,25 @@ def test_beam_search_of_width_one_is_greedy_and_wider_scores_no_worse():
     assert len(model.generate(*batch(), num_beams=4)) == 3
 
 
+def test_sampling_is_seeded_never_emits_bos_or_pad_and_is_seed_free_when_cold():
+    """The on-policy steps of train_ds.py sample the student's translations with generate(temperature=...)."""
+    model = tiny("transformer")
+    special = {model.config.bos_token_id, model.config.pad_token_id}
+    inputs = batch()  # before seeding: batch() seeds the generator itself
+
+    def sample(seed: int, temperature: float) -> list[list[int]]:
+        torch.manual_seed(seed)
+        return model.generate(*inputs, temperature=temperature)
+
+    assert sample(5, 1.0) == sample(5, 1.0)
+    assert sample(5, 1.0) != sample(6, 1.0)
+    # hot: near-uniform over 300 ids, so ~1,500 sampled ids would hold ~10 bos/pad if they were not excluded
+    hot = [token for seed in range(50) for row in sample(seed, 5.0) for token in row]
+    assert len(hot) > 1000 and not special & set(hot)
+    # cold: the most likely allowed id every time, whatever the seed (this untrained model's greedy picks bos)
+    assert sample(7, 1e-4) == sample(8, 1e-4) != model.generate(*inputs)
+
+
 @pytest.mark.parametrize("decoder", ["transformer", "recurrent"])
 def test_save_and_load_round_trip_bit_for_bit(decoder, tmp_path):
     from transformers import AutoConfig, AutoModel

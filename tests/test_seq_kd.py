@@ -1,4 +1,4 @@
-"""Sequence-level KD (--seq_kd) and on-policy KD (--on_policy_ratio) in train_ds.py.
+"""Sequence-level KD (--seq_kd) and on-policy KD (--on_policy_ratio): seq_kd.py and its use in train_ds.py.
 
 In-process: the teacher's cached greedy decoding over the student vocabulary equals decoding each example
 alone without a cache; the per-step and per-example choices are fixed by the seed; a cache made by another
@@ -21,6 +21,7 @@ import data
 from conftest import ROOT, free_port, launch
 
 sys.path.insert(0, str(ROOT))
+import seq_kd  # noqa: E402
 import train_ds  # noqa: E402
 
 RUN_ARGS = ["--stage", "distill", "--max_steps", "6", "--save_every", "3", "--eval_every", "100", "--keep", "5",
@@ -64,7 +65,8 @@ def test_cached_teacher_decoding_equals_decoding_each_example_alone(tiny_teacher
     builder = data.ExampleBuilder(tokenizer, vocab, 48, 12)
     examples, _ = builder.examples(pairs[:5], ["zh-en", "en-zh"])
     rows = teacher.lm_head.weight.detach()[torch.tensor(vocab.teacher_ids)]
-    made = train_ds.teacher_translate(teacher.model, rows, builder, examples, examples[0], 4, "cpu")
+    made = seq_kd.teacher_translate(teacher.model, rows, builder, examples, examples[0], 4, "cpu",
+                                      all_done=lambda done: done)
     assert len(made) == len(examples)
     bos, pad, eos = (tokenizer.convert_tokens_to_ids(t) for t in (data.BOS_TOKEN, data.PAD_TOKEN, data.EOS_TOKEN))
     kept = torch.tensor(vocab.teacher_ids)
@@ -85,33 +87,33 @@ def test_cached_teacher_decoding_equals_decoding_each_example_alone(tiny_teacher
 
 
 def test_step_and_example_choices_are_fixed_by_the_seed():
-    steps = [train_ds.is_on_policy_step(7, s, 0.3) for s in range(1, 2001)]
-    assert steps == [train_ds.is_on_policy_step(7, s, 0.3) for s in range(1, 2001)]
+    steps = [seq_kd.is_on_policy_step(7, s, 0.3) for s in range(1, 2001)]
+    assert steps == [seq_kd.is_on_policy_step(7, s, 0.3) for s in range(1, 2001)]
     assert 0.25 < sum(steps) / len(steps) < 0.35
-    assert steps != [train_ds.is_on_policy_step(8, s, 0.3) for s in range(1, 2001)]
-    assert not any(train_ds.is_on_policy_step(7, s, 0.0) for s in range(1, 100))
-    assert all(train_ds.is_on_policy_step(7, s, 1.0) for s in range(1, 100))
+    assert steps != [seq_kd.is_on_policy_step(8, s, 0.3) for s in range(1, 2001)]
+    assert not any(seq_kd.is_on_policy_step(7, s, 0.0) for s in range(1, 100))
+    assert all(seq_kd.is_on_policy_step(7, s, 1.0) for s in range(1, 100))
     examples = [data.Example(i % 2, [1], [1], [1], f"source {i}") for i in range(2000)]
-    chosen = [train_ds.uses_teacher_translation(7, e, 0.5) for e in examples]
+    chosen = [seq_kd.uses_teacher_translation(7, e, 0.5) for e in examples]
     assert 0.45 < sum(chosen) / len(chosen) < 0.55
-    assert chosen == [train_ds.uses_teacher_translation(7, e, 0.5) for e in examples]
+    assert chosen == [seq_kd.uses_teacher_translation(7, e, 0.5) for e in examples]
 
 
 def test_a_cache_made_by_another_teacher_is_refused(tiny_teacher, tmp_path):
     from safetensors.torch import load_file, save_file
-    header = {"seq_kd_cache": 1, "teacher": train_ds.teacher_fingerprint(tiny_teacher), "data": "d", "vocab": "v",
+    header = {"seq_kd_cache": 1, "teacher": seq_kd.teacher_fingerprint(tiny_teacher), "data": "d", "vocab": "v",
               "max_target_len": 48, "decoding": "greedy over the student vocabulary"}
     cache = tmp_path / "cache.jsonl"
-    train_ds.write_seq_kd_cache(cache, header, {"zh-en\t打开": {"ids": [5, 6], "finished": True, "text": "x"}}, None)
-    assert train_ds.read_seq_kd_cache(cache, header) == {"zh-en\t打开": {"ids": [5, 6], "finished": True}}
+    seq_kd.write_cache(cache, header, {"zh-en\t打开": {"ids": [5, 6], "finished": True, "text": "x"}}, None)
+    assert seq_kd.read_cache(cache, header) == {"zh-en\t打开": {"ids": [5, 6], "finished": True}}
     other = tmp_path / "teacher"
     shutil.copytree(tiny_teacher, other)
     weights = load_file(other / "model.safetensors")
     weights["model.norm.weight"] = weights["model.norm.weight"] * 1.01  # a fine-tuned teacher: same size, new bytes
     save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
-    assert train_ds.teacher_fingerprint(other) != header["teacher"]
-    with pytest.raises(train_ds.SeqKDCacheError, match="stale seq_kd cache, made with another teacher"):
-        train_ds.read_seq_kd_cache(cache, {**header, "teacher": train_ds.teacher_fingerprint(other)})
+    assert seq_kd.teacher_fingerprint(other) != header["teacher"]
+    with pytest.raises(seq_kd.SeqKDCacheError, match="stale seq_kd cache, made with another teacher"):
+        seq_kd.read_cache(cache, {**header, "teacher": seq_kd.teacher_fingerprint(other)})
 
 
 def test_seq_kd_and_on_policy_cache_reuse_resume_and_staleness(tiny_teacher, small_corpus, tmp_path):
@@ -125,13 +127,13 @@ def test_seq_kd_and_on_policy_cache_reuse_resume_and_staleness(tiny_teacher, sma
     # the other half with the teacher, train on the cached ones, and write the union back.
     _, cfg = train_ds.parse_args(args(tmp_path / "full"))
     prepared = train_ds.prepare_data("distill", cfg, tmp_path / "prep", 2)
-    header = train_ds.seq_kd_header(cfg, prepared)
-    scheduled = train_ds.scheduled_indices(prepared.train_examples, cfg, 2, prepared.batches_per_epoch,
+    header = seq_kd.cache_header(cfg, prepared.train_examples, prepared.vocab)
+    scheduled = seq_kd.scheduled_indices(prepared.train_examples, cfg, 2, prepared.batches_per_epoch,
                                            prepared.total_steps)
-    keys = sorted({train_ds.example_key(prepared.train_examples[i]) for i in scheduled})
+    keys = sorted({seq_kd.example_key(prepared.train_examples[i]) for i in scheduled})
     kept = prepared.vocab.teacher_ids
     hand_made = {key: {"ids": kept[300 + n % 50:305 + n % 50], "finished": True} for n, key in enumerate(keys[::2])}
-    train_ds.write_seq_kd_cache(cache, header, hand_made, prepared.tokenizer)
+    seq_kd.write_cache(cache, header, hand_made, prepared.tokenizer)
 
     result = launch(*args(tmp_path / "full"))
     assert f"seq_kd: the teacher translates {len(keys) - len(hand_made)} training sources" in result.stdout

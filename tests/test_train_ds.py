@@ -56,6 +56,19 @@ def test_resume_is_exact(distill_run, sft_run, small_corpus, tmp_path):
         assert abs(resumed[step] - uninterrupted[step]) < 1e-6, (step, resumed[step], uninterrupted[step])
 
 
+def test_zero2_student_trains_evaluates_and_exports(sft_run, small_corpus, tmp_path):
+    """ds_configs/zero2.json for the student (a small one gains nothing from partitioned weights); the teacher
+    stays under ZeRO-3."""
+    from model import StudentForTranslation
+    run = tmp_path / "zero2"
+    launch(*DISTILL, "--teacher", str(sft_run / "final"), "--data", str(small_corpus), "--out", str(run),
+           "--ds_config", "ds_configs/zero2.json", "--max_steps", "4", "--eval_every", "4")
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval" in line]
+    assert [e["step"] for e in evals] == [4]
+    student = StudentForTranslation.from_pretrained(run / "final")
+    assert student.config.vocab_size == data.VocabMap.load(run / "final").size
+
+
 def test_export_consolidates_zero3_shards(distill_run, tmp_path):
     from model import StudentForTranslation
     out = tmp_path / "exported"
@@ -97,7 +110,7 @@ def test_streamed_corpus_trains_and_resumes_exactly(tiny_teacher, small_corpus, 
     args = ["--stage", "distill", "--teacher", str(tiny_teacher), "--data", str(corpus), "--max_steps", "6",
             "--eval_every", "100", "--micro_batch_size", "8", "--data.tokens_per_batch", "0",
             "--data.stream_window", "100", "--data.valid_subset", "4", "--data.vocab_size", "600",
-            "--warmup_steps", "2", "--log_every", "1"]
+            "--warmup_steps", "2", "--log_every", "1", "--seq_kd", "false"]
     whole = tmp_path / "whole"
     result = launch(*args, "--out", str(whole))
     assert "streaming 600 train rows in windows of 100" in result.stdout
