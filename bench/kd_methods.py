@@ -82,9 +82,6 @@ def deepspeed(args: list[str], log: Path, tries: int = 2) -> float:
         with log.open("w") as handle:
             done = subprocess.run(cmd, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
                                   env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
-        # DeepSpeed's CPU shared-memory all-reduce leaves its buffers (2 x 66 MB a run) in /dev/shm, named by port
-        for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            leftover.unlink(missing_ok=True)
         if done.returncode == 0:
             return time.perf_counter() - start
         print(f"train_ds.py failed (exit {done.returncode}, try {attempt} of {tries}); see {log}", file=sys.stderr)

@@ -51,7 +51,6 @@ SETTINGS = {
 def worker(argv: list[str]) -> None:
     import torch
     import torch.distributed as dist
-    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     import data
@@ -63,7 +62,7 @@ def worker(argv: list[str]) -> None:
     parser.add_argument("--result", type=Path, required=True)
     own, rest = parser.parse_known_args(argv)
     args, cfg = train_ds.parse_args(rest)
-    deepspeed.init_distributed()
+    train_ds.init_processes()
     rank, world = dist.get_rank(), dist.get_world_size()
     accelerator = get_accelerator()
     device = torch.device(accelerator.current_device_name())
