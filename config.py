@@ -103,6 +103,8 @@ class DistillConfig:
                           "false = the references")
     seq_kd_ratio: float = _field(1.0, "with seq_kd: share of training examples (fixed per example by the seed) that "
                                  "use the teacher's translation; the rest keep the reference", low=0.0, high=1.0)
+    seq_kd_beams: int = _field(1, "with seq_kd: beams of the teacher's search for its translations (1 = greedy; "
+                               "N costs about N times the teacher's decoding, once)", low=1, high=16)
     seq_kd_cache: str = _field("", "with seq_kd: JSONL file of the teacher's translations, reused across epochs, "
                                "resumes and runs; refused when made by another teacher, data or vocabulary "
                                "(empty = RUN/seq_kd_cache.jsonl)")

@@ -358,52 +358,22 @@ class StudentForTranslation(PreTrainedModel):
         return out
 
     def _beam_search(self, source_ids, source_mask, direction, max_new_tokens: int, beams: int) -> list[list[int]]:
-        batch = source_ids.shape[0]
         expand = lambda t: t.repeat_interleave(beams, dim=0)  # noqa: E731
         memory, src_bias = self.encode(expand(source_ids), expand(source_mask), expand(direction))
         direction = expand(direction)
         memory_kv = [layer.memory_kv(memory) for layer in self.decoder]
-        device = source_ids.device
-        tokens = torch.full((batch * beams, 1), self.config.bos_token_id, dtype=torch.long, device=device)
-        scores = torch.full((batch, beams), float("-inf"), device=device)
-        scores[:, 0] = 0.0  # all beams start identical: keep one alive so they do not duplicate
-        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
         states = None
-        for step in range(max_new_tokens):
-            hidden, states = self.decode(tokens[:, -1:], direction, memory, src_bias, states, step, memory_kv)
-            logprobs = torch.log_softmax(self.output_logits(hidden[:, -1]).float(), dim=-1)
-            vocab = logprobs.shape[-1]
-            total = (scores.view(-1, 1) + logprobs).view(batch, beams * vocab)
-            top_scores, top_index = total.topk(2 * beams, dim=-1)
-            new_scores = torch.full((batch, beams), float("-inf"), device=device)
-            origin = torch.zeros(batch, beams, dtype=torch.long, device=device)
-            chosen = torch.full((batch, beams), self.config.pad_token_id, dtype=torch.long, device=device)
-            for b in range(batch):
-                slot = 0
-                for score, index in zip(top_scores[b].tolist(), top_index[b].tolist()):
-                    beam, token = divmod(index, vocab)
-                    if score == float("-inf"):
-                        break
-                    if token == self.config.eos_token_id:
-                        hyp = tokens[b * beams + beam, 1:].tolist()
-                        finished[b].append((score / (len(hyp) + 1), hyp))
-                        continue
-                    new_scores[b, slot], origin[b, slot], chosen[b, slot] = score, beam, token
-                    slot += 1
-                    if slot == beams:
-                        break
-            flat_origin = (origin + torch.arange(batch, device=device)[:, None] * beams).view(-1)
-            tokens = torch.cat([tokens[flat_origin], chosen.view(-1, 1)], dim=1)
-            states = [self._reorder(s, flat_origin) for s in states]
-            scores = new_scores
-            best_open = (scores.max(dim=-1).values / (step + 2)).tolist()
-            if all(len(f) >= beams and max(s for s, _ in f) >= best_open[b] for b, f in enumerate(finished)):
-                break
-        results = []
-        for b in range(batch):
-            candidates = finished[b] or [(scores[b, 0].item(), tokens[b * beams, 1:].tolist())]
-            results.append(max(candidates, key=lambda c: c[0])[1])
-        return results
+
+        def step(last: torch.Tensor, origin: torch.Tensor | None, position: int) -> torch.Tensor:
+            nonlocal states
+            if origin is not None:
+                states = [self._reorder(s, origin) for s in states]
+            hidden, states = self.decode(last[:, None], direction, memory, src_bias, states, position, memory_kv)
+            return torch.log_softmax(self.output_logits(hidden[:, -1]).float(), dim=-1)
+
+        found = beam_search(step, source_ids.shape[0], beams, max_new_tokens, self.config.bos_token_id,
+                            self.config.eos_token_id, self.config.pad_token_id, source_ids.device)
+        return [ids for ids, _ in found]
 
     @staticmethod
     def _reorder(state, index: torch.Tensor):
@@ -453,6 +423,59 @@ class StudentForTranslation(PreTrainedModel):
 
 AutoConfig.register(StudentConfig.model_type, StudentConfig)
 AutoModel.register(StudentConfig, StudentForTranslation)
+
+
+def beam_search(step, batch: int, beams: int, max_new_tokens: int, bos_id: int, eos_id: int, pad_id: int, device,
+                all_done=None) -> list[tuple[list[int], bool]]:
+    """Beam search with length-normalised scores (log-probability / length, the end token counted) for any model.
+
+    step(last, origin, position) -> log-probabilities [batch * beams, V] of the next token: last [batch * beams]
+    holds each beam's previous token (bos at position 0), origin (None at position 0) the row each beam continues
+    from, by which the model reorders its own state. Rows b * beams ... b * beams + beams - 1 belong to sentence b.
+    A sentence is closed once it has `beams` finished hypotheses and none open can beat its best; its rows then
+    idle, so its result no longer changes while others decode. all_done(local_done) -> bool lets distributed
+    callers stop only when every rank is done (each step is a collective under ZeRO-3).
+    Returns (ids without bos/eos, finished) per sentence; finished is False when none ended within max_new_tokens
+    (the best open beam is returned).
+    """
+    tokens = torch.full((batch * beams, 1), bos_id, dtype=torch.long, device=device)
+    scores = torch.full((batch, beams), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: keep one alive so they do not duplicate
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+    closed = [False] * batch
+    origin = None
+    for position in range(max_new_tokens):
+        logprobs = step(tokens[:, -1], origin, position)
+        vocab = logprobs.shape[-1]
+        total = (scores.view(-1, 1) + logprobs).view(batch, beams * vocab)
+        top_scores, top_index = (t.tolist() for t in total.topk(min(2 * beams, beams * vocab), dim=-1))
+        new_scores = torch.full((batch, beams), float("-inf"), device=device)
+        slot_origin = torch.zeros(batch, beams, dtype=torch.long, device=device)
+        chosen = torch.full((batch, beams), pad_id, dtype=torch.long, device=device)
+        for b in range(batch):
+            slot = 0
+            for score, index in zip(top_scores[b], top_index[b]):
+                if closed[b] or score == float("-inf"):
+                    break
+                beam, token = divmod(index, vocab)
+                if token == eos_id:
+                    hyp = tokens[b * beams + beam, 1:].tolist()
+                    finished[b].append((score / (len(hyp) + 1), hyp))
+                    continue
+                new_scores[b, slot], slot_origin[b, slot], chosen[b, slot] = score, beam, token
+                slot += 1
+                if slot == beams:
+                    break
+        origin = (slot_origin + torch.arange(batch, device=device)[:, None] * beams).view(-1)
+        tokens = torch.cat([tokens[origin], chosen.view(-1, 1)], dim=1)
+        scores = new_scores
+        best_open = (scores.max(dim=-1).values / (position + 2)).tolist()
+        for b, hyps in enumerate(finished):
+            closed[b] = closed[b] or (len(hyps) >= beams and max(h[0] for h in hyps) >= best_open[b])
+        if all_done(all(closed)) if all_done else all(closed):
+            break
+    return [(max(finished[b], key=lambda h: h[0])[1], True) if finished[b] else (tokens[b * beams, 1:].tolist(), False)
+            for b in range(batch)]
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

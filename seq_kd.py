@@ -1,8 +1,9 @@
 """Sequence-level and on-policy distillation: what the student trains on besides the reference.
 
-seq_kd: the student trains on the teacher's own greedy translation of each source instead of the reference.
-The translations are made once, before step 1, by the frozen teacher decoding over the student's K kept ids
-(its body, a KV cache, and the kept output rows: argmax over K rows is a student id), sharded across ranks in
+seq_kd: the student trains on the teacher's own translation of each source (greedy, or beam search with
+--distill.seq_kd_beams) instead of the reference. The translations are made once, before step 1, by the frozen
+teacher decoding over the student's K kept ids (its body, a KV cache, and the kept output rows: each token it
+picks is a student id), sharded across ranks in
 lockstep, gathered, and written by rank 0 to a JSONL cache keyed by example. Training then only reads it, so a
 target is a pure function of its example: a resumed run (or a later epoch) reads the very ids the uninterrupted
 run read, whatever batch each translation was decoded in. (Decoding per training batch instead would redo the
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 import config as config_lib
 import data
+from model import beam_search
 
 log = logging.getLogger("train_ds")
 
@@ -65,12 +67,19 @@ def example_key(example: data.Example) -> str:
 
 
 def cache_header(cfg: config_lib.Config, train_examples: list, vocab: data.VocabMap) -> dict:
-    """What a cache must have been made with to be reused: teacher, corpus sources, vocabulary, decoding length."""
+    """What a cache must have been made with to be reused: teacher, corpus sources, vocabulary, decoding."""
     sources = hashlib.sha256("\n".join(example_key(e) for e in train_examples).encode()).hexdigest()
     vocab_sha = hashlib.sha256(json.dumps([vocab.teacher_ids, vocab.tokenizer_sha256]).encode()).hexdigest()
     return {"seq_kd_cache": SEQ_KD_CACHE_VERSION, "teacher": teacher_fingerprint(cfg.train.teacher),
             "data": sources, "vocab": vocab_sha, "max_target_len": cfg.model.max_target_len,
-            "decoding": "greedy over the student vocabulary"}
+            "decoding": decoding(cfg.distill.seq_kd_beams)}
+
+
+def decoding(beams: int) -> str:
+    """How the cached translations were searched for (part of the cache's key)."""
+    if beams == 1:
+        return "greedy over the student vocabulary"
+    return f"beam search ({beams} beams, length-normalised) over the student vocabulary"
 
 
 def cache_path(cfg: config_lib.Config, run: Path) -> Path:
@@ -95,7 +104,7 @@ def read_cache(path: Path, header: dict) -> dict[str, dict]:
                  if saved.get(name) != header[name]]
         if stale:
             what = {"teacher": "another teacher", "data": "another training corpus", "vocab": "another vocabulary",
-                    "max_target_len": "another model.max_target_len", "decoding": "another decoding"}
+                    "max_target_len": "another model.max_target_len", "decoding": "another decoding (--distill.seq_kd_beams)"}
             raise SeqKDCacheError(f"{path}: stale seq_kd cache, made with {' and '.join(what[s] for s in stale)} "
                                   f"({', '.join(stale)} fingerprint differs); delete it or pass another "
                                   "--distill.seq_kd_cache")
@@ -152,9 +161,10 @@ def scheduled_indices(examples: list, cfg: config_lib.Config, world: int, batche
 
 
 def teacher_translate(teacher, teacher_rows: torch.Tensor, builder: data.ExampleBuilder, examples: list,
-                      filler: data.Example, batch_size: int, device, all_done) -> list[tuple[list[int], bool]]:
-    """Greedy translations (teacher ids, without the end token; finished = the end token came) of this rank's
-    examples, decoded by the teacher body with a KV cache over the student's K kept ids.
+                      filler: data.Example, batch_size: int, device, all_done,
+                      beams: int = 1) -> list[tuple[list[int], bool]]:
+    """Translations (teacher ids, without the end token; finished = the end token came) of this rank's examples,
+    decoded by the teacher body with a KV cache over the student's K kept ids: greedy, or beam search.
 
     Every rank calls it, with its own share (possibly none): under ZeRO-3 each teacher forward is a collective,
     so all ranks run the same number of batches (a rank out of work decodes `filler`) and the same number of
@@ -173,38 +183,75 @@ def teacher_translate(teacher, teacher_rows: torch.Tensor, builder: data.Example
         real = index < len(chunks)
         chunk = chunks[index] if real else [filler]
         width = max(len(e.prompt_ids) for e in chunk)
-        input_ids = torch.tensor([[pad] * (width - len(e.prompt_ids)) + e.prompt_ids for e in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(e.prompt_ids)) + [1] * len(e.prompt_ids) for e in chunk],
-                            device=device)
-        lengths = mask.sum(1)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        done = torch.full((len(chunk),), not real, dtype=torch.bool, device=device)
-        steps: list[torch.Tensor] = []
+        prompt = {"input_ids": torch.tensor([[pad] * (width - len(e.prompt_ids)) + e.prompt_ids for e in chunk],
+                                            device=device),
+                  "attention_mask": torch.tensor([[0] * (width - len(e.prompt_ids)) + [1] * len(e.prompt_ids)
+                                                  for e in chunk], device=device)}
+        prompt["position_ids"] = (prompt["attention_mask"].cumsum(1) - 1).clamp(min=0)
         with torch.no_grad():
-            out = teacher(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-            for step in range(builder.max_target_len - 1):  # room for the end token in the example
-                logits = out.last_hidden_state[:, -1].float() @ rows.T
-                logits[:, builder.bos_id] = float("-inf")
-                token = logits.argmax(-1)
-                token = torch.where(token == builder.pad_id, builder.eos_id, token)  # Qwen's other stop token
-                token = token.masked_fill(done, builder.pad_id)
-                steps.append(token)
-                done |= token == builder.eos_id
-                if all_done(bool(done.all())):
-                    break
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                out = teacher(input_ids=teacher_of[token][:, None], attention_mask=mask,
-                              position_ids=(lengths + step)[:, None], past_key_values=out.past_key_values,
-                              use_cache=True)
+            if beams == 1:
+                found = greedy_decode(teacher, rows, teacher_of, builder, prompt, not real, all_done)
+            else:
+                found = beam_decode(teacher, rows, teacher_of, builder, prompt, beams, all_done)
         if real:
-            for row in torch.stack(steps, dim=1).tolist():
-                ids = []
-                for token in row:
-                    if token == builder.eos_id:
-                        break
-                    ids.append(builder.vocab.teacher_ids[token])
-                results.append((ids, builder.eos_id in row))
+            results += [([builder.vocab.teacher_ids[t] for t in ids], ended) for ids, ended in found]
     return results
+
+
+def greedy_decode(teacher, rows: torch.Tensor, teacher_of: torch.Tensor, builder: data.ExampleBuilder, prompt: dict,
+                  idle: bool, all_done) -> list[tuple[list[int], bool]]:
+    """(student ids without the end token, finished) per prompt row; idle rows (a filler) start done."""
+    mask, lengths = prompt["attention_mask"], prompt["attention_mask"].sum(1)
+    done = torch.full((mask.shape[0],), idle, dtype=torch.bool, device=mask.device)
+    steps: list[torch.Tensor] = []
+    out = teacher(**prompt, use_cache=True)
+    for step in range(builder.max_target_len - 1):  # room for the end token in the example
+        logits = out.last_hidden_state[:, -1].float() @ rows.T
+        logits[:, builder.bos_id] = float("-inf")
+        token = logits.argmax(-1)
+        token = torch.where(token == builder.pad_id, builder.eos_id, token)  # Qwen's other stop token
+        token = token.masked_fill(done, builder.pad_id)
+        steps.append(token)
+        done |= token == builder.eos_id
+        if all_done(bool(done.all())):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = teacher(input_ids=teacher_of[token][:, None], attention_mask=mask,
+                      position_ids=(lengths + step)[:, None], past_key_values=out.past_key_values, use_cache=True)
+    found = []
+    for row in torch.stack(steps, dim=1).tolist():
+        ended = builder.eos_id in row
+        found.append((row[:row.index(builder.eos_id)] if ended else row, ended))
+    return found
+
+
+def beam_decode(teacher, rows: torch.Tensor, teacher_of: torch.Tensor, builder: data.ExampleBuilder, prompt: dict,
+                beams: int, all_done) -> list[tuple[list[int], bool]]:
+    """model.beam_search driven by the teacher: each prompt row becomes `beams` rows sharing one KV cache, which
+    is reordered with the beams. Qwen's other stop token (the student's pad id) counts as the end token."""
+    expand = lambda t: t.repeat_interleave(beams, dim=0)  # noqa: E731
+    mask, lengths = expand(prompt["attention_mask"]), expand(prompt["attention_mask"].sum(1))
+    cache = None
+
+    def step(last: torch.Tensor, origin: torch.Tensor | None, position: int) -> torch.Tensor:
+        nonlocal mask, cache
+        if origin is None:
+            out = teacher(**{k: expand(v) for k, v in prompt.items()}, use_cache=True)
+        else:
+            cache.reorder_cache(origin)
+            mask = torch.cat([mask[origin], torch.ones_like(mask[:, :1])], dim=1)
+            out = teacher(input_ids=teacher_of[last][:, None], attention_mask=mask,
+                          position_ids=(lengths + position - 1)[:, None], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits = out.last_hidden_state[:, -1].float() @ rows.T
+        logits[:, builder.bos_id] = float("-inf")
+        logprobs = torch.log_softmax(logits, dim=-1)
+        logprobs[:, builder.eos_id] = torch.logaddexp(logprobs[:, builder.eos_id], logprobs[:, builder.pad_id])
+        logprobs[:, builder.pad_id] = float("-inf")
+        return logprobs
+
+    return beam_search(step, prompt["input_ids"].shape[0], beams, builder.max_target_len - 1, builder.bos_id,
+                       builder.eos_id, builder.pad_id, mask.device, all_done)
 
 
 def teacher_targets(cfg: config_lib.Config, prepared, teacher, teacher_rows: torch.Tensor, header: dict,
@@ -230,7 +277,7 @@ def teacher_targets(cfg: config_lib.Config, prepared, teacher, teacher_rows: tor
         chunks = [missing[i:i + batch] for i in range(0, len(missing), batch)]
         mine = [i for chunk in chunks[rank::world] for i in chunk]
         made = teacher_translate(teacher, teacher_rows, builder, [examples[i] for i in mine], examples[missing[0]],
-                                 batch, device, all_done)
+                                 batch, device, all_done, cfg.distill.seq_kd_beams)
         gathered: list = [None] * world
         dist.all_gather_object(gathered, [(example_key(examples[i]), ids, done) for i, (ids, done) in zip(mine, made)])
         for part in gathered:

@@ -85,6 +85,28 @@ def test_static_step_matches_generate(decoder):
     assert MASK_BIAS == -1e4
 
 
+def test_beam_search_finds_the_best_length_normalised_sequence_of_a_markov_chain():
+    """model.beam_search (the student's and the seq_kd teacher's) against exhaustive search: wide enough, it must
+    return the best of all finished sequences by log-probability / length (the end token counted)."""
+    import itertools
+
+    from model import beam_search
+    torch.manual_seed(3)
+    batch, vocab, max_new, beams = 3, 6, 4, 32  # ids: 0 pad, 1 bos, 2 eos, 3..5 words
+    logits = torch.randn(batch, vocab, vocab) * 2
+    logits[..., :2] = float("-inf")  # never pad or bos
+    table = torch.log_softmax(logits, dim=-1)  # table[b, previous token] -> next token log-probabilities
+    sentence = torch.arange(batch).repeat_interleave(beams)
+    found = beam_search(lambda last, origin, position: table[sentence, last], batch, beams, max_new, 1, 2, 0, "cpu")
+    for b in range(batch):
+        def score(words):
+            path = [1, *words, 2]
+            return sum(table[b, prev, nxt].item() for prev, nxt in zip(path, path[1:])) / (len(words) + 1)
+        every = [list(w) for n in range(max_new) for w in itertools.product(range(3, vocab), repeat=n)]
+        best = max(every, key=score)
+        assert found[b] == (best, True), (b, found[b], best)
+
+
 def test_beam_search_of_width_one_is_greedy_and_wider_scores_no_worse():
     model = tiny("transformer")
     greedy = model.generate(*batch())

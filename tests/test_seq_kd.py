@@ -1,8 +1,9 @@
 """Sequence-level KD (--seq_kd) and on-policy KD (--on_policy_ratio): seq_kd.py and its use in train_ds.py.
 
-In-process: the teacher's cached greedy decoding over the student vocabulary equals decoding each example
-alone without a cache; the per-step and per-example choices are fixed by the seed; a cache made by another
-teacher is refused. On a real 2-rank ZeRO-3 CPU run: the teacher translations are made in lockstep, written to
+In-process: the teacher's cached greedy decoding and beam search over the student vocabulary equal decoding
+each example alone without a cache; the per-step and per-example choices are fixed by the seed; a cache made by
+another teacher or decoding is refused. On a real 2-rank ZeRO-3 CPU run (beam search, 2 beams; the other
+distillation tests run the default greedy seq_kd): the teacher translations are made in lockstep, written to
 the cache, topped up, reused with no teacher generation, swapped in as targets, refused when the data changes;
 on-policy steps run in lockstep; resume stays exact with both on.
 """
@@ -27,7 +28,7 @@ import train_ds  # noqa: E402
 RUN_ARGS = ["--stage", "distill", "--max_steps", "6", "--save_every", "3", "--eval_every", "100", "--keep", "5",
             "--micro_batch_size", "8", "--data.tokens_per_batch", "0", "--data.valid_subset", "4",
             "--data.vocab_size", "600", "--lr", "3e-3", "--warmup_steps", "2", "--log_every", "1",
-            "--seq_kd", "true", "--on_policy_ratio", "0.5"]
+            "--seq_kd", "--distill.seq_kd_beams", "2", "--on_policy_ratio", "0.5"]
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -86,6 +87,48 @@ def test_cached_teacher_decoding_equals_decoding_each_example_alone(tiny_teacher
         assert all(t in vocab.student_of for t in ids)
 
 
+def test_cached_teacher_beam_search_equals_beam_search_over_each_example_alone(tiny_teacher, small_corpus,
+                                                                               single_process_group):
+    """--distill.seq_kd_beams: the batched beam decode (KV cache reordered with the beams, left padding, position
+    ids) gives, for every example, what the same search over that example alone, without a cache, gives."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model import beam_search
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    pairs = data.read_pairs(small_corpus / "train.jsonl")
+    vocab = data.build_vocab_map(tokenizer, [p.zh for p in pairs] + [p.en for p in pairs], 600,
+                                 teacher.config.vocab_size)
+    builder = data.ExampleBuilder(tokenizer, vocab, 48, 8)
+    examples, _ = builder.examples(pairs[:4], ["zh-en", "en-zh"])
+    kept = torch.tensor(vocab.teacher_ids)
+    rows = teacher.lm_head.weight.detach()[kept]
+    beams = 3
+    made = seq_kd.teacher_translate(teacher.model, rows, builder, examples, examples[0], 3, "cpu",
+                                    all_done=lambda done: done, beams=beams)
+    greedy = seq_kd.teacher_translate(teacher.model, rows, builder, examples, examples[0], 3, "cpu",
+                                      all_done=lambda done: done)
+    assert made != greedy  # the search is wider than greedy here, or this test would prove little
+    for example, (ids, finished) in zip(examples, made):
+        sequences = [list(example.prompt_ids)] * beams
+
+        def step(last, origin, position):
+            nonlocal sequences
+            if origin is not None:
+                sequences = [sequences[i] + [vocab.teacher_ids[t]] for i, t in zip(origin.tolist(), last.tolist())]
+            with torch.no_grad():
+                logits = torch.stack([teacher(torch.tensor([s])).logits[0, -1][kept] for s in sequences])
+            logits[:, builder.bos_id] = float("-inf")
+            logprobs = torch.log_softmax(logits, dim=-1)
+            logprobs[:, builder.eos_id] = torch.logaddexp(logprobs[:, builder.eos_id], logprobs[:, builder.pad_id])
+            logprobs[:, builder.pad_id] = float("-inf")
+            return logprobs
+
+        [(alone, ended)] = beam_search(step, 1, beams, builder.max_target_len - 1, builder.bos_id, builder.eos_id,
+                                       builder.pad_id, "cpu")
+        assert (ids, finished) == ([vocab.teacher_ids[t] for t in alone], ended)
+
+
 def test_step_and_example_choices_are_fixed_by_the_seed():
     steps = [seq_kd.is_on_policy_step(7, s, 0.3) for s in range(1, 2001)]
     assert steps == [seq_kd.is_on_policy_step(7, s, 0.3) for s in range(1, 2001)]
@@ -102,7 +145,7 @@ def test_step_and_example_choices_are_fixed_by_the_seed():
 def test_a_cache_made_by_another_teacher_is_refused(tiny_teacher, tmp_path):
     from safetensors.torch import load_file, save_file
     header = {"seq_kd_cache": 1, "teacher": seq_kd.teacher_fingerprint(tiny_teacher), "data": "d", "vocab": "v",
-              "max_target_len": 48, "decoding": "greedy over the student vocabulary"}
+              "max_target_len": 48, "decoding": seq_kd.decoding(1)}
     cache = tmp_path / "cache.jsonl"
     seq_kd.write_cache(cache, header, {"zh-en\t打开": {"ids": [5, 6], "finished": True, "text": "x"}}, None)
     assert seq_kd.read_cache(cache, header) == {"zh-en\t打开": {"ids": [5, 6], "finished": True}}
@@ -114,6 +157,8 @@ def test_a_cache_made_by_another_teacher_is_refused(tiny_teacher, tmp_path):
     assert seq_kd.teacher_fingerprint(other) != header["teacher"]
     with pytest.raises(seq_kd.SeqKDCacheError, match="stale seq_kd cache, made with another teacher"):
         seq_kd.read_cache(cache, {**header, "teacher": seq_kd.teacher_fingerprint(other)})
+    with pytest.raises(seq_kd.SeqKDCacheError, match="made with another decoding"):  # greedy, now 4 beams
+        seq_kd.read_cache(cache, {**header, "decoding": seq_kd.decoding(4)})
 
 
 def test_seq_kd_and_on_policy_cache_reuse_resume_and_staleness(tiny_teacher, small_corpus, tmp_path):
@@ -129,7 +174,7 @@ def test_seq_kd_and_on_policy_cache_reuse_resume_and_staleness(tiny_teacher, sma
     prepared = train_ds.prepare_data("distill", cfg, tmp_path / "prep", 2)
     header = seq_kd.cache_header(cfg, prepared.train_examples, prepared.vocab)
     scheduled = seq_kd.scheduled_indices(prepared.train_examples, cfg, 2, prepared.batches_per_epoch,
-                                           prepared.total_steps)
+                                         prepared.total_steps)
     keys = sorted({seq_kd.example_key(prepared.train_examples[i]) for i in scheduled})
     kept = prepared.vocab.teacher_ids
     hand_made = {key: {"ids": kept[300 + n % 50:305 + n % 50], "finished": True} for n, key in enumerate(keys[::2])}
