@@ -5,7 +5,8 @@ method at a time, scored on the catalog corpus's test split in both directions.
     python bench/kd_methods.py --steps 400 --seeds 1,2,3 --methods forward_kl,seq_kd
 
 Methods: ce_only (alpha 0: the reference alone, no teacher term), the six token-level divergences of kd_loss.py
-(alpha 0.5), seq_kd (forward KL on the teacher's greedy translations instead of the references) and on_policy
+(alpha 0.5), seq_kd (forward KL on the teacher's greedy translations instead of the references), seq_kd_beam4
+(the same with the teacher's 4-beam translations) and on_policy
 (forward KL on the student's own samples on half of the steps). Everything else is the default `tiny` recipe.
 
 Once, under bench/.cache/kd: the catalog corpus (data.build_catalog_corpus), a tiny Qwen2-shaped teacher
@@ -51,6 +52,8 @@ METHODS: dict[str, list[str]] = {
     "tvd": ["--kd_loss", "tvd"],
     "seq_kd": ["--kd_loss", "forward_kl", "--seq_kd", "true", "--distill.seq_kd_cache",
                str(CACHE / "seq_kd_cache.jsonl")],
+    "seq_kd_beam4": ["--kd_loss", "forward_kl", "--seq_kd", "true", "--distill.seq_kd_beams", "4",
+                     "--distill.seq_kd_cache", str(CACHE / "seq_kd_beam4_cache.jsonl")],
     "on_policy": ["--kd_loss", "forward_kl", "--on_policy_ratio", "0.5"],
 }
 

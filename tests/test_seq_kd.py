@@ -53,24 +53,31 @@ def single_process_group():
         dist.destroy_process_group()
 
 
+def teacher_and_examples(tiny_teacher: Path, corpus: Path, max_target_len: int, pairs: int):
+    """The tiny teacher, a 600-id student vocabulary, the first `pairs` training pairs as examples in both
+    directions, the kept teacher ids and their output rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    train = data.read_pairs(corpus / "train.jsonl")
+    vocab = data.build_vocab_map(tokenizer, [p.zh for p in train] + [p.en for p in train], 600,
+                                 teacher.config.vocab_size)
+    builder = data.ExampleBuilder(tokenizer, vocab, 48, max_target_len)
+    examples, _ = builder.examples(train[:pairs], ["zh-en", "en-zh"])
+    kept = torch.tensor(vocab.teacher_ids)
+    return teacher, builder, examples, kept, teacher.lm_head.weight.detach()[kept]
+
+
 def test_cached_teacher_decoding_equals_decoding_each_example_alone(tiny_teacher, small_corpus,
                                                                   single_process_group):
     """KV cache, left padding and position ids: the batched greedy decode over the K kept rows gives, for every
     example, what a plain uncached loop over that example alone gives."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
-    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
-    pairs = data.read_pairs(small_corpus / "train.jsonl")
-    vocab = data.build_vocab_map(tokenizer, [p.zh for p in pairs] + [p.en for p in pairs], 600,
-                                 teacher.config.vocab_size)
-    builder = data.ExampleBuilder(tokenizer, vocab, 48, 12)
-    examples, _ = builder.examples(pairs[:5], ["zh-en", "en-zh"])
-    rows = teacher.lm_head.weight.detach()[torch.tensor(vocab.teacher_ids)]
+    teacher, builder, examples, kept, rows = teacher_and_examples(tiny_teacher, small_corpus, 12, 5)
+    vocab, tokenizer = builder.vocab, builder.tokenizer
     made = seq_kd.teacher_translate(teacher.model, rows, builder, examples, examples[0], 4, "cpu",
-                                      all_done=lambda done: done)
+                                    all_done=lambda done: done)
     assert len(made) == len(examples)
     bos, pad, eos = (tokenizer.convert_tokens_to_ids(t) for t in (data.BOS_TOKEN, data.PAD_TOKEN, data.EOS_TOKEN))
-    kept = torch.tensor(vocab.teacher_ids)
     for example, (ids, finished) in zip(examples, made):
         sequence, alone, ended = list(example.prompt_ids), [], False
         with torch.no_grad():
@@ -91,19 +98,9 @@ def test_cached_teacher_beam_search_equals_beam_search_over_each_example_alone(t
                                                                                single_process_group):
     """--distill.seq_kd_beams: the batched beam decode (KV cache reordered with the beams, left padding, position
     ids) gives, for every example, what the same search over that example alone, without a cache, gives."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from model import beam_search
-    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
-    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
-    pairs = data.read_pairs(small_corpus / "train.jsonl")
-    vocab = data.build_vocab_map(tokenizer, [p.zh for p in pairs] + [p.en for p in pairs], 600,
-                                 teacher.config.vocab_size)
-    builder = data.ExampleBuilder(tokenizer, vocab, 48, 8)
-    examples, _ = builder.examples(pairs[:4], ["zh-en", "en-zh"])
-    kept = torch.tensor(vocab.teacher_ids)
-    rows = teacher.lm_head.weight.detach()[kept]
-    beams = 3
+    teacher, builder, examples, kept, rows = teacher_and_examples(tiny_teacher, small_corpus, 8, 4)
+    vocab, beams = builder.vocab, 3
     made = seq_kd.teacher_translate(teacher.model, rows, builder, examples, examples[0], 3, "cpu",
                                     all_done=lambda done: done, beams=beams)
     greedy = seq_kd.teacher_translate(teacher.model, rows, builder, examples, examples[0], 3, "cpu",
