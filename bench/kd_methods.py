@@ -260,7 +260,7 @@ def write_markdown(text: str) -> None:
         new = old.rstrip("\n") + "\n\n" + text
     else:
         end = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[end + 1:] if end >= 0 else "")
+        new = old[:start] + text + ("\n" + old[end + 1:] if end >= 0 else "")
     RESULTS_MD.write_text(new.rstrip("\n") + "\n")
 
 
@@ -309,7 +309,7 @@ def main() -> None:
         f"({cpu}), 2 ranks: {runs_seconds / 60:.0f} minutes for the {len(runs)} runs (training and scoring), "
         f"plus once the teacher's fine-tuning (about 7 minutes) and scoring. {args.note + ' ' if args.note else ''}"
         f"The `tiny` student, {args.steps} steps, `{' '.join(RECIPE)}`; alpha 0.5 and temperature 2 for every method "
-        f"but ce_only (alpha 0); seq_kd and on_policy use forward KL. Teacher: the "
+        f"but ce_only (alpha 0); seq_kd, seq_kd_beam4 and on_policy use forward KL. Teacher: the "
         f"tiny Qwen2-shaped model fine-tuned 800 steps ({teacher_line}). Scores: inference.evaluate on the first "
         f"{args.limit} test pairs per direction; CE = teacher-forced cross-entropy of those references (nats per "
         f"token, lower is better; ce_only trains on that very objective alone, the others give it weight 0.5); mean "
