@@ -96,8 +96,9 @@ class DistillConfig:
                                     "rank (no all-gather per step), sharded = ZeRO-3 partitions gathered per "
                                     "layer, offload = partitions in CPU memory (slowest); auto picks by free "
                                     "memory and logs why", choices=("auto", "resident", "sharded", "offload"))
-    seq_kd: bool = _field(True, "sequence-level KD: the student trains on the teacher's greedy translation of each "
-                          "training source (decoded over the student's vocabulary, once, before step 1, into "
+    seq_kd: bool = _field(True, "sequence-level KD: the student trains on the teacher's translation of each "
+                          "training source (greedy or beam search, distill.seq_kd_beams; decoded over the student's "
+                          "vocabulary, once, before step 1, into "
                           "distill.seq_kd_cache) instead of the reference, still with the token-level KD term; "
                           "the default because it trained the best students in bench/kd_methods.py (README); "
                           "false = the references")
