@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ log = logging.getLogger("train_ds")
 
 
 SEQ_KD_CACHE_VERSION = 1
+ROUND_BATCHES = 50  # teacher batches per rank between cache appends: all that a crash can lose of the pass
 FINGERPRINT_SAMPLES, FINGERPRINT_BLOCK = 64, 1 << 16
 
 
@@ -104,15 +106,23 @@ def read_cache(path: Path, header: dict) -> dict[str, dict]:
                  if saved.get(name) != header[name]]
         if stale:
             what = {"teacher": "another teacher", "data": "another training corpus", "vocab": "another vocabulary",
-                    "max_target_len": "another model.max_target_len", "decoding": "another decoding (--distill.seq_kd_beams)"}
+                    "max_target_len": "another model.max_target_len",
+                    "decoding": "another decoding (--distill.seq_kd_beams)"}
             raise SeqKDCacheError(f"{path}: stale seq_kd cache, made with {' and '.join(what[s] for s in stale)} "
                                   f"({', '.join(stale)} fingerprint differs); delete it or pass another "
                                   "--distill.seq_kd_cache")
         entries = {}
-        for line in handle:
-            if line.strip():
+        for number, line in enumerate(handle, start=2):
+            if not line.strip():
+                continue
+            try:
                 entry = json.loads(line)
-                entries[entry["key"]] = {"ids": entry["ids"], "finished": entry["finished"]}
+            except ValueError:
+                if not line.endswith("\n"):  # cut by a crash while appending: that round is translated again
+                    break
+                raise SeqKDCacheError(f"{path}:{number}: not a cache entry; delete the cache or pass another "
+                                      "--distill.seq_kd_cache") from None
+            entries[entry["key"]] = {"ids": entry["ids"], "finished": entry["finished"]}
     return entries
 
 
@@ -122,14 +132,24 @@ def write_cache(path: Path, header: dict, entries: dict[str, dict], tokenizer) -
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as handle:
         handle.write(json.dumps(header) + "\n")
-        for key in sorted(entries):
-            entry = entries[key]
-            text = entry.get("text")
-            if text is None:
-                text = tokenizer.decode(entry["ids"], skip_special_tokens=True)
-            handle.write(json.dumps({"key": key, "ids": entry["ids"], "finished": entry["finished"], "text": text},
-                                    ensure_ascii=False) + "\n")
+        handle.writelines(entry_line(key, entries[key], tokenizer) for key in sorted(entries))
     os.replace(tmp, path)
+
+
+def append_cache(path: Path, entries: dict[str, dict], tokenizer) -> None:
+    """One round's translations added at the end of the cache and flushed to disk: a later crash loses none."""
+    with path.open("a", encoding="utf-8") as handle:
+        handle.writelines(entry_line(key, entries[key], tokenizer) for key in sorted(entries))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def entry_line(key: str, entry: dict, tokenizer) -> str:
+    text = entry.get("text")
+    if text is None:
+        text = tokenizer.decode(entry["ids"], skip_special_tokens=True)
+    return json.dumps({"key": key, "ids": entry["ids"], "finished": entry["finished"], "text": text},
+                      ensure_ascii=False) + "\n"
 
 
 def unit_fraction(*parts) -> float:
@@ -161,14 +181,15 @@ def scheduled_indices(examples: list, cfg: config_lib.Config, world: int, batche
 
 
 def teacher_translate(teacher, teacher_rows: torch.Tensor, builder: data.ExampleBuilder, examples: list,
-                      filler: data.Example, batch_size: int, device, all_done,
-                      beams: int = 1) -> list[tuple[list[int], bool]]:
+                      filler: data.Example, batch_size: int, device, all_done, beams: int = 1,
+                      progress=None) -> list[tuple[list[int], bool]]:
     """Translations (teacher ids, without the end token; finished = the end token came) of this rank's examples,
     decoded by the teacher body with a KV cache over the student's K kept ids: greedy, or beam search.
 
     Every rank calls it, with its own share (possibly none): under ZeRO-3 each teacher forward is a collective,
     so all ranks run the same number of batches (a rank out of work decodes `filler`) and the same number of
     steps per batch: all_done(local_done) -> bool says whether every rank is done (as in the student's generate).
+    progress: a tqdm bar to advance by one per batch.
     """
     chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
     count = torch.tensor([len(chunks)], device=device)
@@ -177,9 +198,7 @@ def teacher_translate(teacher, teacher_rows: torch.Tensor, builder: data.Example
     rows = teacher_rows.float()
     pad = builder.tokenizer.pad_token_id
     results: list[tuple[list[int], bool]] = []
-    batches = tqdm(range(int(count.item())), desc="seq_kd: teacher translations", unit="batch", dynamic_ncols=True,
-                   disable=dist.get_rank() != 0)
-    for index in batches:
+    for index in range(int(count.item())):
         real = index < len(chunks)
         chunk = chunks[index] if real else [filler]
         width = max(len(e.prompt_ids) for e in chunk)
@@ -195,6 +214,8 @@ def teacher_translate(teacher, teacher_rows: torch.Tensor, builder: data.Example
                 found = beam_decode(teacher, rows, teacher_of, builder, prompt, beams, all_done)
         if real:
             results += [([builder.vocab.teacher_ids[t] for t in ids], ended) for ids, ended in found]
+        if progress is not None:
+            progress.update()
     return results
 
 
@@ -275,16 +296,23 @@ def teacher_targets(cfg: config_lib.Config, prepared, teacher, teacher_rows: tor
         start = time.perf_counter()
         batch = 4 * cfg.train.micro_batch_size
         chunks = [missing[i:i + batch] for i in range(0, len(missing), batch)]
-        mine = [i for chunk in chunks[rank::world] for i in chunk]
-        made = teacher_translate(teacher, teacher_rows, builder, [examples[i] for i in mine], examples[missing[0]],
-                                 batch, device, all_done, cfg.distill.seq_kd_beams)
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, [(example_key(examples[i]), ids, done) for i, (ids, done) in zip(mine, made)])
-        for part in gathered:
-            for key, ids, done in part:
-                cached[key] = {"ids": ids, "finished": done}
-        if rank == 0:
+        if rank == 0:  # the header and what is cached already (a line cut by a crash is dropped)
             write_cache(path, header, cached, builder.tokenizer)
+        progress = tqdm(total=math.ceil(len(chunks) / world), desc="seq_kd: teacher translations", unit="batch",
+                        dynamic_ncols=True, disable=rank != 0)
+        for first in range(0, len(chunks), ROUND_BATCHES * world):
+            mine = [i for chunk in chunks[first:first + ROUND_BATCHES * world][rank::world] for i in chunk]
+            made = teacher_translate(teacher, teacher_rows, builder, [examples[i] for i in mine],
+                                     examples[missing[0]], batch, device, all_done, cfg.distill.seq_kd_beams,
+                                     progress)
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, [(example_key(examples[i]), ids, done)
+                                              for i, (ids, done) in zip(mine, made)])
+            new = {key: {"ids": ids, "finished": done} for part in gathered for key, ids, done in part}
+            cached.update(new)
+            if rank == 0:
+                append_cache(path, new, builder.tokenizer)
+        progress.close()
         dist.barrier()
         log.info("seq_kd: %d teacher translations in %.1f s, cached in %s", len(missing),
                  time.perf_counter() - start, path)

@@ -158,6 +158,48 @@ def test_a_cache_made_by_another_teacher_is_refused(tiny_teacher, tmp_path):
         seq_kd.read_cache(cache, {**header, "decoding": seq_kd.decoding(4)})
 
 
+def test_a_teacher_pass_cut_short_keeps_its_finished_rounds(tiny_teacher, small_corpus, tmp_path, monkeypatch,
+                                                              single_process_group):
+    """The cache grows round by round, flushed: a run killed in the teacher pass (here: an error in its third
+    round, and a line half written) keeps the first two rounds, and the next run translates only the rest."""
+    from transformers import AutoModelForCausalLM
+    monkeypatch.setattr(seq_kd, "ROUND_BATCHES", 1)
+    _, cfg = train_ds.parse_args([*RUN_ARGS, "--teacher", str(tiny_teacher), "--data", str(small_corpus),
+                                  "--out", str(tmp_path / "run"), "--micro_batch_size", "4",
+                                  "--max_steps", "20", "--distill.seq_kd_beams", "1"])
+    prepared = train_ds.prepare_data("distill", cfg, tmp_path / "run", 1)
+    header = seq_kd.cache_header(cfg, prepared.train_examples, prepared.vocab)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    rows = teacher.lm_head.weight.detach()[torch.tensor(prepared.vocab.teacher_ids)]
+    cache = tmp_path / "cache.jsonl"
+    translate, asked, first_run = seq_kd.teacher_translate, [], [True]
+
+    def counted(teacher, rows, builder, examples, *args):  # the first run fails in its third round
+        asked.append(len(examples))
+        if first_run[0] and len(asked) == 3:
+            first_run[0] = False
+            raise RuntimeError("killed")
+        return translate(teacher, rows, builder, examples, *args)
+
+    monkeypatch.setattr(seq_kd, "teacher_translate", counted)
+    targets = lambda: seq_kd.teacher_targets(cfg, prepared, teacher.model, rows, header,  # noqa: E731
+                                             seq_kd.read_cache(cache, header), cache, "cpu", lambda done: done)
+    with pytest.raises(RuntimeError, match="killed"):
+        targets()
+    kept = seq_kd.read_cache(cache, header)
+    assert len(kept) == asked[0] + asked[1] == 2 * 16  # rounds of one batch of 4 x micro_batch_size sources
+    with cache.open("a") as handle:
+        handle.write('{"key": "zh-en\\tcut')  # the crash came in the middle of the next append
+    assert seq_kd.read_cache(cache, header) == kept
+    scheduled = {seq_kd.example_key(prepared.train_examples[i]) for i in seq_kd.scheduled_indices(
+        prepared.train_examples, cfg, 1, prepared.batches_per_epoch, prepared.total_steps)}
+    asked.clear()
+    targets()
+    assert sum(asked) == len(scheduled) - len(kept)  # the finished rounds are not translated again
+    done = seq_kd.read_cache(cache, header)
+    assert set(done) == scheduled and all(done[key] == kept[key] for key in kept)
+
+
 def test_seq_kd_and_on_policy_cache_reuse_resume_and_staleness(tiny_teacher, small_corpus, tmp_path):
     cache = tmp_path / "teacher_translations.jsonl"
 
