@@ -58,7 +58,7 @@ def test_resume_is_exact(distill_run, sft_run, small_corpus, tmp_path):
 
 def test_zero2_student_trains_evaluates_and_exports(sft_run, small_corpus, tmp_path):
     """ds_configs/zero2.json for the student (a small one gains nothing from partitioned weights); the teacher
-    stays under ZeRO-3."""
+    stays under ZeRO-3. Trains, evaluates, exports its best, and its checkpoint exports offline to the same."""
     from model import StudentForTranslation
     run = tmp_path / "zero2"
     launch(*DISTILL, "--teacher", str(sft_run / "final"), "--data", str(small_corpus), "--out", str(run),
@@ -67,6 +67,11 @@ def test_zero2_student_trains_evaluates_and_exports(sft_run, small_corpus, tmp_p
     assert [e["step"] for e in evals] == [4]
     student = StudentForTranslation.from_pretrained(run / "final")
     assert student.config.vocab_size == data.VocabMap.load(run / "final").size
+    # the offline export reads ZeRO-2 checkpoints too: the step-4 weights, as the run's own export wrote them
+    subprocess.run([sys.executable, "train_ds.py", "export", "--ckpt", str(run / "checkpoints"), "--out",
+                    str(tmp_path / "exported")], cwd=ROOT, check=True, capture_output=True)
+    exported = StudentForTranslation.from_pretrained(tmp_path / "exported").state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in student.state_dict().items())
 
 
 def test_export_consolidates_zero3_shards(distill_run, tmp_path):
