@@ -96,7 +96,11 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """q [B,H,Tq,hd], k/v [B,H,Tk,hd], bias broadcastable to [B,H,Tq,Tk] -> [B, Tq, D]."""
         scores = torch.matmul(q, k.transpose(-1, -2)) * (self.head_dim ** -0.5) + bias
-        weights = F.dropout(torch.softmax(scores, dim=-1), self.dropout, self.training)
+        if scores.dtype == torch.float32:
+            weights = torch.softmax(scores, dim=-1)
+        else:  # bf16/fp16 training: normalise in float32, as a low-precision sum of exponentials drifts
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+        weights = F.dropout(weights, self.dropout, self.training)
         out = torch.matmul(weights, v).transpose(1, 2)
         return self.o(out.reshape(out.shape[0], out.shape[1], -1))
 
@@ -251,7 +255,8 @@ class StudentForTranslation(PreTrainedModel):
     def input_embeds(self, ids: torch.Tensor, direction: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Token (scaled) + direction + position embeddings: ids [B, T], direction [B] -> [B, T, D]."""
         x = self.embed(ids) * math.sqrt(self.config.d_model) + self.direction_embed(direction)[:, None]
-        x = x + self.positions[start:start + ids.shape[1]]
+        # the engine casts parameters to bf16 but not buffers: the position table follows the activations
+        x = x + self.positions[start:start + ids.shape[1]].to(x.dtype)
         return F.dropout(x, self.config.dropout, self.training)
 
     def encode_embeds(self, x: torch.Tensor, src_bias: torch.Tensor) -> torch.Tensor:
@@ -262,8 +267,9 @@ class StudentForTranslation(PreTrainedModel):
         return self.encoder_norm(x)
 
     def encode(self, source_ids: torch.Tensor, source_mask: torch.Tensor, direction: torch.Tensor):
-        src_bias = (1.0 - source_mask.to(torch.float32)) * MASK_BIAS
-        return self.encode_embeds(self.input_embeds(source_ids, direction), src_bias), src_bias
+        x = self.input_embeds(source_ids, direction)
+        src_bias = (1.0 - source_mask.to(x.dtype)) * MASK_BIAS  # in the weights' dtype: bf16 runs stay bf16
+        return self.encode_embeds(x, src_bias), src_bias
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.embed(hidden, project=True)
@@ -276,7 +282,7 @@ class StudentForTranslation(PreTrainedModel):
         causal = None
         if length > 1:  # several positions are only decoded from scratch (training, uncached generation)
             future = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
-            causal = torch.zeros(length, length, device=x.device).masked_fill(future, MASK_BIAS)
+            causal = torch.zeros(length, length, dtype=x.dtype, device=x.device).masked_fill(future, MASK_BIAS)
         states = states or [None] * len(self.decoder)
         memory_kv = memory_kv or [layer.memory_kv(memory) for layer in self.decoder]
         bias = src_bias[:, None, None, :]

@@ -160,3 +160,26 @@ def test_tied_embeddings_and_counts():
     counts = count_parameters(model)
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert not any("lm_head" in name for name in model.state_dict())
+
+
+@pytest.mark.parametrize("decoder", ["transformer", "recurrent"])
+def test_bf16_parameters_beside_float32_buffers_train_and_decode(decoder):
+    """What DeepSpeed's bf16 engine hands the model: parameters cast to bf16, the position buffer left float32.
+    Every tensor built inside forward (position rows, mask biases) must follow the activations' dtype."""
+    reference, model = tiny(decoder), tiny(decoder)
+    for param in model.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    assert model.positions.dtype == torch.float32
+    source, mask, direction = batch()
+    target = torch.randint(3, 300, (3, 7))
+    logits = model(source, mask, direction, target).logits
+    assert logits.dtype == torch.bfloat16
+    expected = reference(source, mask, direction, target).logits
+    assert torch.nn.functional.cosine_similarity(logits.float().flatten(), expected.flatten(), dim=0) > 0.999
+    model.train()
+    model(source, mask, direction, target, labels=target).loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all()
+               for p in model.parameters() if p.requires_grad and p is not model.direction_embed.weight)
+    model.eval()
+    assert len(model.generate(source, mask, direction)) == 3
+    assert len(model.generate(source, mask, direction, num_beams=2)) == 3
