@@ -581,9 +581,23 @@ class ExampleBuilder:
     def student_ids(self, text: str) -> list[int]:
         return [self.vocab.student_of[t] for t in self.teacher_ids(text)]
 
-    def prompt_text(self, source: str, direction: str) -> str:
+    def prompt_text(self, source: str, direction: str, thinking: bool = False) -> str:
+        """The teacher's chat prompt, ending where the translation starts. Qwen3-style templates open the
+        assistant turn in thinking mode unless told otherwise (the next token would be `<think>`, which no
+        translation starts with), so thinking is switched off; older Qwen templates ignore the switch."""
         messages = [{"role": "user", "content": f"{instruction(direction)}\n{source}"}]
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                  enable_thinking=thinking)
+
+    @property
+    def has_thinking_switch(self) -> bool:
+        """Whether the chat template renders differently with thinking on (a Qwen3-style template)."""
+        return self.prompt_text("x", DIRECTIONS[0], thinking=True) != self.prompt_text("x", DIRECTIONS[0])
+
+    def prompt_fingerprint(self) -> str:
+        """sha256 of the prompt ids around the source in every direction: what the teacher is conditioned on."""
+        parts = [self._prompt_parts(direction) for direction in DIRECTIONS]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def _prompt_parts(self, direction: str) -> tuple[list[int], list[int]]:
         """Token ids before and after the source in the rendered chat prompt.
@@ -621,6 +635,10 @@ class ExampleBuilder:
                 built.append(Example(direction_index(direction), source, before + natural + after, target,
                                      text, reference))
         return built, too_long
+
+    def collate(self, examples: Sequence[Example]) -> dict[str, list]:
+        """The batch of examples built here, padded with this builder's ids (see the module's collate)."""
+        return collate(examples, self.pad_id, self.bos_id, self.vocab.student_of, self.tokenizer.pad_token_id)
 
     def decode(self, student_ids: Iterable[int]) -> str:
         special = {self.pad_id, self.bos_id, self.eos_id}
@@ -750,7 +768,8 @@ def collate(examples: Sequence[Example], pad_id: int, bos_id: int, student_of: d
     `labels` (target, student ids, IGNORE_INDEX on padding).
     Teacher: prompts are *left*-padded to one length P and targets right-padded, so logits at positions
     P-1 .. P-1+T-1 predict the same `labels` column by column (`teacher_labels` holds them in teacher ids);
-    `teacher_position_ids` skip the padding.
+    `teacher_position_ids` skip the padding. `target_positions`: the flat indices into `labels` of the real
+    targets (what the losses select, computed here so that selecting them on a GPU needs no host sync).
     """
     src_len = max(len(e.source_ids) for e in examples)
     tgt_len = max(len(e.target_ids) for e in examples)
@@ -777,6 +796,7 @@ def collate(examples: Sequence[Example], pad_id: int, bos_id: int, student_of: d
             positions.append(seen if m else 0)
             seen += m
         batch["teacher_position_ids"].append(positions)
+    batch["target_positions"] = [row * tgt_len + j for row, e in enumerate(examples) for j in range(len(e.target_ids))]
     return batch
 
 

@@ -131,15 +131,22 @@ class _FusedDistill(torch.autograd.Function):
             None, None, None, None
 
 
-def _target_rows(labels: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    keep = labels.reshape(-1) != IGNORE_INDEX
-    return (labels.reshape(-1)[keep], *(t.reshape(-1, t.shape[-1])[keep] for t in tensors))
+def _target_rows(labels: torch.Tensor, *tensors: torch.Tensor,
+                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The target positions' labels and rows. positions (flat indices of the targets, made on the host by
+    data.collate) select them without a host sync; a boolean mask would wait for the GPU to count them."""
+    if positions is None:
+        positions = (labels.reshape(-1) != IGNORE_INDEX).nonzero()[:, 0]
+    return (labels.reshape(-1).index_select(0, positions),
+            *(t.reshape(-1, t.shape[-1]).index_select(0, positions) for t in tensors))
 
 
 def fused_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
-                       teacher_weight: torch.Tensor, labels: torch.Tensor, cfg: DistillConfig) -> LossParts:
+                       teacher_weight: torch.Tensor, labels: torch.Tensor, cfg: DistillConfig,
+                       target_positions: torch.Tensor | None = None) -> LossParts:
     """student_hidden [..., Hs] and student_weight [K, Hs]; teacher_hidden [..., Ht] at the same positions and
-    teacher_weight [K, Ht] (its output rows for the student's K ids); labels [...] with IGNORE_INDEX.
+    teacher_weight [K, Ht] (its output rows for the student's K ids); labels [...] with IGNORE_INDEX;
+    target_positions: the flat indices of labels that are not IGNORE_INDEX, when known (no host sync).
 
     A batch without target tokens gives a zero loss that still reaches the student's tensors, so every
     rank runs the same backward.
@@ -150,7 +157,8 @@ def fused_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tenso
     if student_hidden.shape[:-1] != labels.shape or teacher_hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden states {tuple(student_hidden.shape)} / {tuple(teacher_hidden.shape)} do not "
                          f"match labels {tuple(labels.shape)}")
-    targets, s_hidden, t_hidden = _target_rows(labels, student_hidden, teacher_hidden.detach())
+    targets, s_hidden, t_hidden = _target_rows(labels, student_hidden, teacher_hidden.detach(),
+                                               positions=target_positions)
     if targets.numel() == 0:
         zero = student_hidden.sum() * 0.0 + student_weight.sum() * 0.0
         return LossParts(zero, zero.detach(), zero.detach(), 0)

@@ -3,8 +3,11 @@
 seq_kd: the student trains on the teacher's own translation of each source (greedy, or beam search with
 --distill.seq_kd_beams) instead of the reference. The translations are made once, before step 1, by the frozen
 teacher decoding over the student's K kept ids (its body, a KV cache, and the kept output rows: each token it
-picks is a student id), sharded across ranks in
-lockstep, gathered, and written by rank 0 to a JSONL cache keyed by example. Training then only reads it, so a
+picks is a student id), in length-sorted batches of --distill.seq_kd_batch sources, shared out across ranks,
+gathered, and written by rank 0 to a JSONL cache keyed by example. A resident teacher is a plain module on each
+rank, so each rank decodes its share alone with no collective per token; a sharded (ZeRO-3) teacher gathers its
+layers through ZeRO-3's hooks on every forward, so all ranks decode in lockstep (the documented fallback: a teacher
+that does not fit whole on one device cannot decode hook-free without a per-layer forward of its own). Training then only reads it, so a
 target is a pure function of its example: a resumed run (or a later epoch) reads the very ids the uninterrupted
 run read, whatever batch each translation was decoded in. (Decoding per training batch instead would redo the
 teacher's work every epoch and on every resume, and make a target depend on its batch's padding numerics.)
@@ -22,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -68,13 +70,15 @@ def example_key(example: data.Example) -> str:
     return f"{config_lib.DIRECTIONS[example.direction]}\t{example.source_text}"
 
 
-def cache_header(cfg: config_lib.Config, train_examples: list, vocab: data.VocabMap) -> dict:
-    """What a cache must have been made with to be reused: teacher, corpus sources, vocabulary, decoding."""
+def cache_header(cfg: config_lib.Config, train_examples: list, builder: data.ExampleBuilder) -> dict:
+    """What a cache must have been made with to be reused: teacher, corpus sources, vocabulary, the teacher's chat
+    prompt (template and thinking switch), decoding."""
     sources = hashlib.sha256("\n".join(example_key(e) for e in train_examples).encode()).hexdigest()
+    vocab = builder.vocab
     vocab_sha = hashlib.sha256(json.dumps([vocab.teacher_ids, vocab.tokenizer_sha256]).encode()).hexdigest()
     return {"seq_kd_cache": SEQ_KD_CACHE_VERSION, "teacher": teacher_fingerprint(cfg.train.teacher),
-            "data": sources, "vocab": vocab_sha, "max_target_len": cfg.model.max_target_len,
-            "decoding": decoding(cfg.distill.seq_kd_beams)}
+            "data": sources, "vocab": vocab_sha, "prompt": builder.prompt_fingerprint(),
+            "max_target_len": cfg.model.max_target_len, "decoding": decoding(cfg.distill.seq_kd_beams)}
 
 
 def decoding(beams: int) -> str:
@@ -102,10 +106,11 @@ def read_cache(path: Path, header: dict) -> dict[str, dict]:
         if not isinstance(saved, dict) or saved.get("seq_kd_cache") != SEQ_KD_CACHE_VERSION:
             raise SeqKDCacheError(f"{path}: not a seq_kd cache (version {SEQ_KD_CACHE_VERSION}); delete it or give "
                                   "another --distill.seq_kd_cache")
-        stale = [name for name in ("teacher", "data", "vocab", "max_target_len", "decoding")
+        stale = [name for name in ("teacher", "data", "vocab", "prompt", "max_target_len", "decoding")
                  if saved.get(name) != header[name]]
         if stale:
             what = {"teacher": "another teacher", "data": "another training corpus", "vocab": "another vocabulary",
+                    "prompt": "another chat prompt (the teacher's chat template or its thinking switch)",
                     "max_target_len": "another model.max_target_len",
                     "decoding": "another decoding (--distill.seq_kd_beams)"}
             raise SeqKDCacheError(f"{path}: stale seq_kd cache, made with {' and '.join(what[s] for s in stale)} "
@@ -181,19 +186,23 @@ def scheduled_indices(examples: list, cfg: config_lib.Config, world: int, batche
 
 
 def teacher_translate(teacher, teacher_rows: torch.Tensor, builder: data.ExampleBuilder, examples: list,
-                      filler: data.Example, batch_size: int, device, all_done, beams: int = 1,
+                      filler: data.Example, batch_size: int, device, all_done=None, beams: int = 1,
                       progress=None) -> list[tuple[list[int], bool]]:
     """Translations (teacher ids, without the end token; finished = the end token came) of this rank's examples,
     decoded by the teacher body with a KV cache over the student's K kept ids: greedy, or beam search.
 
-    Every rank calls it, with its own share (possibly none): under ZeRO-3 each teacher forward is a collective,
-    so all ranks run the same number of batches (a rank out of work decodes `filler`) and the same number of
-    steps per batch: all_done(local_done) -> bool says whether every rank is done (as in the student's generate).
-    progress: a tqdm bar to advance by one per batch.
+    all_done=None: the teacher is a plain module (resident), and each rank decodes its share alone. Otherwise each
+    teacher forward is a collective (ZeRO-3 shards), so every rank calls this with its own share (possibly none),
+    all ranks run the same number of batches (a rank out of work decodes `filler`) and the same number of steps
+    per batch: all_done(local_done) -> bool says whether every rank is done (as in the student's generate).
+    progress: a tqdm bar to advance by the sources of each batch.
     """
     chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
     count = torch.tensor([len(chunks)], device=device)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    if all_done is None:
+        all_done = bool  # alone: done when this rank's batch is
+    else:
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
     teacher_of = torch.tensor(builder.vocab.teacher_ids, device=device)
     rows = teacher_rows.float()
     pad = builder.tokenizer.pad_token_id
@@ -214,8 +223,8 @@ def teacher_translate(teacher, teacher_rows: torch.Tensor, builder: data.Example
                 found = beam_decode(teacher, rows, teacher_of, builder, prompt, beams, all_done)
         if real:
             results += [([builder.vocab.teacher_ids[t] for t in ids], ended) for ids, ended in found]
-        if progress is not None:
-            progress.update()
+            if progress is not None:
+                progress.update(len(chunk))
     return results
 
 
@@ -276,11 +285,12 @@ def beam_decode(teacher, rows: torch.Tensor, teacher_of: torch.Tensor, builder: 
 
 
 def teacher_targets(cfg: config_lib.Config, prepared, teacher, teacher_rows: torch.Tensor, header: dict,
-                    cached: dict[str, dict], path: Path, device, all_done) -> dict[str, list[int]]:
+                    cached: dict[str, dict], path: Path, device, all_done=None) -> dict[str, list[int]]:
     """{example key: the teacher's translation as target ids (end token included)} for the scheduled examples
     seq_kd picks (with_targets swaps them in; the others, and those whose teacher translation is empty or never
     ended, keep the reference). Translations the cache lacks are made now, before step 1, sharded across
-    ranks; rank 0 rewrites the cache with them. prepared: train_ds.RunData (examples, builder and schedule)."""
+    ranks; rank 0 rewrites the cache with them. prepared: train_ds.RunData (examples, builder and schedule).
+    all_done: None for a plain (resident) teacher, else the lockstep test of teacher_translate."""
     rank, world = dist.get_rank(), dist.get_world_size()
     examples, builder = prepared.train_examples, prepared.builder
     scheduled = scheduled_indices(examples, cfg, world, prepared.batches_per_epoch, prepared.total_steps)
@@ -294,12 +304,13 @@ def teacher_targets(cfg: config_lib.Config, prepared, teacher, teacher_rows: tor
         log.info("seq_kd: the teacher translates %d training sources (%d of %d in cache %s) ...", len(missing),
                  len(first_of) - len(missing), len(first_of), path)
         start = time.perf_counter()
-        batch = 4 * cfg.train.micro_batch_size
+        batch = cfg.distill.seq_kd_batch
         chunks = [missing[i:i + batch] for i in range(0, len(missing), batch)]
         if rank == 0:  # the header and what is cached already (a line cut by a crash is dropped)
             write_cache(path, header, cached, builder.tokenizer)
-        progress = tqdm(total=math.ceil(len(chunks) / world), desc="seq_kd: teacher translations", unit="batch",
-                        dynamic_ncols=True, disable=rank != 0)
+        # rank 0's share (sources), so the bar's rate is rank 0's sources/s: the whole pass runs world times that
+        progress = tqdm(total=sum(len(c) for c in chunks[::world]), desc="seq_kd: teacher translations (rank 0)",
+                        unit="src", dynamic_ncols=True, disable=rank != 0)
         for first in range(0, len(chunks), ROUND_BATCHES * world):
             mine = [i for chunk in chunks[first:first + ROUND_BATCHES * world][rank::world] for i in chunk]
             made = teacher_translate(teacher, teacher_rows, builder, [examples[i] for i in mine],
@@ -314,8 +325,9 @@ def teacher_targets(cfg: config_lib.Config, prepared, teacher, teacher_rows: tor
                 append_cache(path, new, builder.tokenizer)
         progress.close()
         dist.barrier()
-        log.info("seq_kd: %d teacher translations in %.1f s, cached in %s", len(missing),
-                 time.perf_counter() - start, path)
+        seconds = time.perf_counter() - start
+        log.info("seq_kd: %d teacher translations in %.1f s (%.1f sources/s on %d rank(s), batches of %d), cached "
+                 "in %s", len(missing), seconds, len(missing) / seconds, world, batch, path)
     else:
         log.info("seq_kd: all %d teacher translations found in cache %s; no teacher generation", len(first_of), path)
     targets = {}

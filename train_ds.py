@@ -64,10 +64,16 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, config_lib.Config]:
             parser.error(f"{flag} {tag!r}: give a checkpoint tag such as step200 (or step200_universal, made by "
                          "scripts/convert_checkpoint.sh), or nothing for the latest")
     try:
-        cfg = config_lib.from_args(args)
+        cfg = config_lib.from_args(args, on_gpu=has_gpu())
     except config_lib.ConfigError as exc:
         parser.error(str(exc))
     return args, cfg
+
+
+def has_gpu() -> bool:
+    """Whether this machine has an accelerator DeepSpeed drives (its GPU defaults then apply, see config.py)."""
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().device_name() != "cpu"
 
 
 # ----------------------------------------------------------------------------- distributed helpers
@@ -82,10 +88,54 @@ def mean_across_ranks(values: list[float], device) -> list[float]:
     return (tensor / dist.get_world_size()).tolist()
 
 
-def any_rank(flag: bool, device) -> bool:
+def any_rank(flag: bool, device, group=None) -> bool:
     tensor = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
     return bool(tensor.item())
+
+
+def bind_device(accelerator, local_rank: int) -> torch.device:
+    """This rank's device, bound before the process group starts. The deepspeed launcher shows every rank all the
+    GPUs of its node and never calls set_device, so without this every rank would build its tensors on cuda:0 while
+    ZeRO puts its partitions on each rank's own GPU (and NCCL refuses two ranks on one GPU). CPU: nothing to bind."""
+    if accelerator.device_name() == "cpu":
+        return torch.device("cpu")
+    accelerator.set_device(local_rank)
+    return torch.device(accelerator.device_name(local_rank))
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in the job: rank, world size, its device, and a host-side (gloo) group for flags that
+    live on the host, so that agreeing on them never waits for the GPU."""
+    rank: int
+    world: int
+    device: torch.device
+    on_gpu: bool
+    host_group: object = None  # None: the default group is gloo already (CPU runs)
+
+
+def start_processes() -> Processes:
+    """Bind this rank's device, start the process group, and return where this process stands. Without a launcher
+    (`python train_ds.py ...`) it runs as the only rank, on whatever device there is."""
+    from deepspeed.accelerator import get_accelerator
+    if not any(name in os.environ for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")):
+        # DeepSpeed would otherwise look for MPI (mpi4py) to find its ranks
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+    accelerator = get_accelerator()
+    device = bind_device(accelerator, int(os.environ.get("LOCAL_RANK", "0")))
+    init_processes()
+    on_gpu = device.type != "cpu"
+    return Processes(dist.get_rank(), dist.get_world_size(), device, on_gpu,
+                     dist.new_group(backend="gloo") if on_gpu else None)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def init_processes() -> None:
@@ -243,14 +293,13 @@ def free_memory_per_rank(on_gpu: bool) -> int:
     return psutil.virtual_memory().available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
-def place_teacher(ds: dict, requested: str, parameters: int, dtype: torch.dtype, world: int,
-                  free_bytes: int) -> str:
-    """Choose where the frozen teacher's weights live, set the teacher's ZeRO-3 config for it, and return
-    a line saying which and why.
+def place_teacher(requested: str, parameters: int, dtype: torch.dtype, world: int,
+                  free_bytes: int) -> tuple[str, str]:
+    """Where the frozen teacher's weights live, and why (with the sizes that decided it).
 
-    resident: every parameter persists whole on every rank (ZeRO-3's persistence threshold above the
-    largest), so no all-gather runs per step; sharded: partitions gathered layer by layer each forward;
-    offload: partitions in CPU memory. auto keeps 40% of free memory for the student and activations.
+    resident: a plain module, whole on every rank's device (no ZeRO engine: no all-gather and no per-module hook
+    on any forward); sharded: ZeRO-3 partitions gathered layer by layer each forward; offload: partitions in CPU
+    memory. auto keeps 40% of free memory for the student and activations.
     """
     weight_bytes = parameters * torch.finfo(dtype).bits // 8
     budget = int(0.6 * free_bytes)
@@ -258,20 +307,46 @@ def place_teacher(ds: dict, requested: str, parameters: int, dtype: torch.dtype,
     sizes = (f"teacher {weight_bytes / gib:.2f} GiB ({parameters / 1e6:.1f}M parameters), "
              f"{free_bytes / gib:.1f} GiB free per rank")
     if requested != "auto":
-        placement, why = requested, "as asked (--distill.teacher_placement)"
-    elif weight_bytes <= budget:
-        placement, why = "resident", "a whole copy fits beside the student"
-    elif weight_bytes / world <= budget:
-        placement, why = "sharded", f"a whole copy does not fit; a 1/{world} shard does"
-    else:
-        placement, why = "offload", f"even a 1/{world} shard does not fit"
+        return requested, f"as asked (--distill.teacher_placement) ({sizes})"
+    if weight_bytes <= budget:
+        return "resident", f"a whole copy fits beside the student ({sizes})"
+    if weight_bytes / world <= budget:
+        return "sharded", f"a whole copy does not fit; a 1/{world} shard does ({sizes})"
+    return "offload", f"even a 1/{world} shard does not fit ({sizes})"
+
+
+def teacher_zero3_config(ds: dict, placement: str, hidden: int) -> dict:
+    """The sharded or offloaded teacher's ZeRO-3 config, its buckets scaled to the teacher's width as Hugging Face
+    and TRL do for "auto" (a fixed bucket sized for one width is smaller than one MLP matrix of a wider model)."""
     zero = ds["zero_optimization"]
-    if placement == "resident":
-        zero["stage3_param_persistence_threshold"] = parameters
-        zero["stage3_max_live_parameters"] = max(zero.get("stage3_max_live_parameters", 0), parameters)
-    elif placement == "offload":
+    zero.update(reduce_bucket_size=hidden * hidden, stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+                stage3_param_persistence_threshold=10 * hidden)
+    if placement == "offload":
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    return f"teacher placement: {placement}: {why} ({sizes})"
+    return ds
+
+
+def load_frozen_teacher(cfg: config_lib.Config, prepared: "RunData", placement: str, dtype: torch.dtype,
+                        device: torch.device, world: int, use_bf16: bool):
+    """(teacher body, its output rows for the kept ids [K, H] on device, hf_ds to keep alive or None).
+
+    Resident: a plain module loaded straight onto this rank's device. Otherwise: partitioned while it loads, inside
+    a ZeRO-3 engine of its own (a frozen model next to a trained one needs its own; see REFERENCE)."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    path, trust = cfg.train.teacher, cfg.train.trust_remote_code
+    if placement == "resident":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust,
+                                                     device_map={"": str(device)})
+        body, rows = split_teacher_head(model, prepared.vocab.teacher_ids, path)
+        return body.eval(), rows.to(device), None
+    ds = deepspeed_config(cfg.train.teacher_ds_config, cfg, world, use_bf16, trained=False)
+    teacher_zero3_config(ds, placement, prepared.teacher_config.hidden_size)
+    model, hf_ds = load_teacher(path, ds, dtype, trust)
+    body, rows = split_teacher_head(model, prepared.vocab.teacher_ids, path)
+    engine, *_ = deepspeed.initialize(model=body, config=ds)
+    engine.module.eval()
+    return engine, rows.to(device), hf_ds
 
 
 def teacher_logits(teacher, batch: dict, target_len: int) -> torch.Tensor:
@@ -290,50 +365,102 @@ def teacher_hidden(teacher_body, batch: dict, target_len: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- steps
 
+class StepTimer:
+    """Time spent in each region (teacher, student) of a step. On a GPU each region is a pair of device events,
+    read only when the log is flushed, so timing adds no host sync per step and the teacher's kernels count as
+    teacher time however late they run; on CPU, where work is synchronous, the wall clock."""
+
+    def __init__(self, accelerator, on_gpu: bool):
+        self.accelerator, self.on_gpu = accelerator, on_gpu
+        self.seconds = {"teacher": 0.0, "student": 0.0}
+        self.events: list[tuple[str, object, object]] = []
+
+    @contextlib.contextmanager
+    def region(self, name: str):
+        if self.on_gpu:
+            start, end = (self.accelerator.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            yield
+            end.record()
+            self.events.append((name, start, end))
+        else:
+            began = time.perf_counter()
+            yield
+            self.seconds[name] += time.perf_counter() - began
+
+    def ms(self) -> dict[str, float]:
+        """Milliseconds per region; on a GPU this waits for the recorded events (call it when flushing)."""
+        for name, start, end in self.events:
+            end.synchronize()
+            self.seconds[name] += start.elapsed_time(end) / 1000
+        self.events.clear()
+        return {name: 1000 * seconds for name, seconds in self.seconds.items()}
+
+
 def to_device(batch: dict, device) -> dict:
-    return {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in batch.items()}
+    """Long tensors on device. On a GPU they go through pinned memory without blocking: a copy from pageable
+    memory would first wait for every kernel queued before it."""
+    tensors = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+    if torch.device(device).type == "cpu":
+        return tensors
+    return {k: t.pin_memory().to(device, non_blocking=True) for k, t in tensors.items()}
+
+
+def batch_counts(batch: dict) -> tuple[int, int, int, int]:
+    """Target, source, teacher and padded tokens of a collated batch, counted on the host lists (no sync)."""
+    return (len(batch["target_positions"]), sum(map(sum, batch["source_mask"])),
+            sum(map(sum, batch["teacher_attention_mask"])),
+            len(batch["labels"]) * len(batch["labels"][0]) + len(batch["source_ids"]) * len(batch["source_ids"][0]))
 
 
 def distill_step(student, teacher, teacher_rows: torch.Tensor, batch: dict, cfg: config_lib.DistillConfig,
-                 timings: dict) -> LossParts:
+                 timer: StepTimer) -> LossParts:
     labels = batch["labels"]
-    start = time.perf_counter()
-    with torch.no_grad():  # never inference_mode: its tensors cannot meet ZeRO-3's trained model
+    with timer.region("teacher"), torch.no_grad():  # never inference_mode: its tensors cannot meet ZeRO-3's model
         hidden = teacher_hidden(teacher, batch, labels.shape[1])
-    timings["teacher"] += time.perf_counter() - start
-    start = time.perf_counter()
-    out = student(source_ids=batch["source_ids"], source_mask=batch["source_mask"], direction=batch["direction"],
-                  decoder_input_ids=batch["decoder_input_ids"],
-                  output_loss=lambda s_hidden, s_weight: fused_distill_loss(s_hidden, s_weight, hidden,
-                                                                            teacher_rows, labels, cfg))
-    timings["student"] += time.perf_counter() - start
+    with timer.region("student"):
+        out = student(source_ids=batch["source_ids"], source_mask=batch["source_mask"], direction=batch["direction"],
+                      decoder_input_ids=batch["decoder_input_ids"],
+                      output_loss=lambda s_hidden, s_weight: fused_distill_loss(
+                          s_hidden, s_weight, hidden, teacher_rows, labels, cfg, batch["target_positions"]))
     return out.loss_parts
 
 
-def sft_step(teacher, batch: dict, timings: dict) -> LossParts:
+def sft_step(teacher, batch: dict, timer: StepTimer) -> LossParts:
     """Causal-LM loss on the assistant turn (the target) only."""
-    start = time.perf_counter()
-    labels = batch["teacher_labels"]
-    logits = teacher_logits(teacher, batch, labels.shape[1]).float()
-    keep = labels != data.IGNORE_INDEX
-    tokens = int(keep.sum())
-    ce = torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum") / max(tokens, 1)
-    timings["teacher"] += time.perf_counter() - start
-    return LossParts(ce, ce.new_zeros(()), ce.detach(), tokens)
+    with timer.region("teacher"):
+        labels = batch["teacher_labels"]
+        positions = batch["target_positions"]
+        logits = teacher_logits(teacher, batch, labels.shape[1]).float()
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).index_select(0, positions),
+                                               labels.flatten().index_select(0, positions), reduction="sum")
+        ce = ce / max(len(positions), 1)
+    return LossParts(ce, ce.new_zeros(()), ce.detach(), len(positions))
 
 
 # ----------------------------------------------------------------------------- on-policy KD (seq_kd.py says why)
 
+def model_bytes(module) -> int:
+    """Bytes of a module's whole weights, also when ZeRO-3 has partitioned them (ds_numel is the full size)."""
+    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters())
+
+
 @contextlib.contextmanager
-def whole_student(engine):
-    """The trained student's ZeRO-3 parameters gathered whole on every rank, with ZeRO-3's per-module hooks lifted,
-    for a sampling loop: otherwise every decoder step all-gathers every layer again (as TRL's
-    unwrap_model_for_generation does; the student is small). The hooks come back on exit and the parameters are
-    partitioned again. Without ZeRO-3 (or with a DeepSpeed lacking these internals) it does nothing."""
+def whole_model(engine, allowed: bool = True):
+    """The trained model's ZeRO-3 parameters gathered whole on every rank, with ZeRO-3's per-module hooks lifted,
+    for a decoding loop: otherwise every decoding step all-gathers every layer again (as TRL's
+    unwrap_model_for_generation does). The hooks come back on exit and the parameters are partitioned again.
+
+    Yields True when the model is whole and hook-free (each rank may then decode alone, without lockstep), False
+    when it stays partitioned: allowed=False (it would not fit whole), or a DeepSpeed lacking these internals.
+    Below ZeRO-3 the model is whole already."""
     import deepspeed
+    if engine.zero_optimization_stage() != 3:
+        yield True
+        return
     offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
-    if engine.zero_optimization_stage() != 3 or offload is None or not hasattr(offload, "_register_deepspeed_module"):
-        yield
+    if not allowed or offload is None or not hasattr(offload, "_register_deepspeed_module"):
+        yield False
         return
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params):
@@ -343,105 +470,112 @@ def whole_student(engine):
             hook.remove()
         offload.forward_hooks, offload.backward_hooks = [], []
         try:
-            yield
+            yield True
         finally:
             offload._register_deepspeed_module(offload.module)
 
 
 def on_policy_loss(models: "Models", examples: list, builder: data.ExampleBuilder, cfg: config_lib.DistillConfig,
-                   device, timings: dict) -> tuple[LossParts, dict]:
+                   device, timer: StepTimer) -> tuple[LossParts, dict]:
     """alpha * T^2 * D(teacher, student) on the student's own samples + (1 - alpha) * CE on the reference, in one
-    student forward over [samples; references] (one forward and backward per micro-batch, as on other steps)."""
+    student forward over [samples; references] (one forward and backward per micro-batch, as on other steps).
+    Returns the loss and the host lists of the batch it trained on (for counting its tokens)."""
     engine = models.engine
-    pad_teacher = builder.tokenizer.pad_token_id
-    reference = to_device(data.collate(examples, builder.pad_id, builder.bos_id, builder.vocab.student_of,
-                                       pad_teacher), device)
-    start = time.perf_counter()
-    engine.module.eval()  # sample from the student's distribution, not a dropout-perturbed one
-    with whole_student(engine), torch.no_grad():
-        samples = engine.module.generate(reference["source_ids"], reference["source_mask"], reference["direction"],
-                                         all_done=lambda done: not any_rank(not done, device), temperature=1.0)
-    engine.module.train()
+    reference = to_device(builder.collate(examples), device)
+    with timer.region("student"):
+        engine.module.eval()  # sample from the student's distribution, not a dropout-perturbed one
+        with whole_model(engine) as whole, torch.no_grad():
+            samples = engine.module.generate(reference["source_ids"], reference["source_mask"],
+                                             reference["direction"], all_done=None if whole else lockstep(device),
+                                             temperature=1.0)
+        engine.module.train()
     ended = [builder.eos_teacher_id]  # a sample shorter than the limit ended with the end token
     sampled = [dataclasses.replace(e, target_ids=[builder.vocab.teacher_ids[t] for t in ids] +
                                    (ended if len(ids) < builder.max_target_len else []))
                for e, ids in zip(examples, samples)]
-    timings["student"] += time.perf_counter() - start
-    start = time.perf_counter()
-    scored = to_device(data.collate(sampled, builder.pad_id, builder.bos_id, builder.vocab.student_of, pad_teacher),
-                       device)
-    with torch.no_grad():
-        hidden = teacher_hidden(models.teacher, scored, scored["labels"].shape[1])
-    timings["teacher"] += time.perf_counter() - start
-    start = time.perf_counter()
-    both = to_device(data.collate(sampled + list(examples), builder.pad_id, builder.bos_id, builder.vocab.student_of,
-                                  pad_teacher), device)
-    labels, n = both["labels"], len(examples)
-    kd_labels, ce_labels = labels.clone(), labels.clone()
-    kd_labels[n:], ce_labels[:n] = data.IGNORE_INDEX, data.IGNORE_INDEX
-    teacher_full = hidden.new_zeros(labels.shape + hidden.shape[-1:])
-    teacher_full[:n, :hidden.shape[1]] = hidden
-    no_teacher = hidden.new_zeros(labels.shape + (1,))  # the CE part: a teacher term weighted 0
-    no_rows = models.teacher_rows.new_zeros(models.teacher_rows.shape[0], 1)
-    kd_cfg, ce_cfg = dataclasses.replace(cfg, alpha=1.0), dataclasses.replace(cfg, alpha=0.0)
+    with timer.region("teacher"):
+        scored = to_device(builder.collate(sampled), device)
+        with torch.no_grad():
+            hidden = teacher_hidden(models.teacher, scored, scored["labels"].shape[1])
+    with timer.region("student"):
+        host = builder.collate(sampled + list(examples))
+        both = to_device(host, device)
+        labels, n = both["labels"], len(examples)
+        kd_labels, ce_labels = labels.clone(), labels.clone()
+        kd_labels[n:], ce_labels[:n] = data.IGNORE_INDEX, data.IGNORE_INDEX
+        teacher_full = hidden.new_zeros(labels.shape + hidden.shape[-1:])
+        teacher_full[:n, :hidden.shape[1]] = hidden
+        no_teacher = hidden.new_zeros(labels.shape + (1,))  # the CE part: a teacher term weighted 0
+        no_rows = models.teacher_rows.new_zeros(models.teacher_rows.shape[0], 1)
+        kd_cfg, ce_cfg = dataclasses.replace(cfg, alpha=1.0), dataclasses.replace(cfg, alpha=0.0)
 
-    def output_loss(s_hidden, s_weight):
-        kd = fused_distill_loss(s_hidden, s_weight, teacher_full, models.teacher_rows, kd_labels, kd_cfg)
-        ce = fused_distill_loss(s_hidden, s_weight, no_teacher, no_rows, ce_labels, ce_cfg)
-        return LossParts(cfg.alpha * kd.total + (1 - cfg.alpha) * ce.total, kd.kd, ce.ce, kd.tokens + ce.tokens)
+        def output_loss(s_hidden, s_weight):
+            kd = fused_distill_loss(s_hidden, s_weight, teacher_full, models.teacher_rows, kd_labels, kd_cfg)
+            ce = fused_distill_loss(s_hidden, s_weight, no_teacher, no_rows, ce_labels, ce_cfg)
+            return LossParts(cfg.alpha * kd.total + (1 - cfg.alpha) * ce.total, kd.kd, ce.ce, kd.tokens + ce.tokens)
 
-    out = engine(source_ids=both["source_ids"], source_mask=both["source_mask"], direction=both["direction"],
-                 decoder_input_ids=both["decoder_input_ids"], output_loss=output_loss)
-    timings["student"] += time.perf_counter() - start
-    return out.loss_parts, {**both, "teacher_attention_mask": scored["teacher_attention_mask"]}
+        out = engine(source_ids=both["source_ids"], source_mask=both["source_mask"], direction=both["direction"],
+                     decoder_input_ids=both["decoder_input_ids"], output_loss=output_loss)
+    return out.loss_parts, host
+
+
+def lockstep(device):
+    """all_done for a decoding loop whose every step is a collective (ZeRO-3 hooks): done when every rank is."""
+    return lambda done: not any_rank(not done, device)
 
 
 # ----------------------------------------------------------------------------- evaluation
 
-def translate_shard(stage: str, model, builder: data.ExampleBuilder, examples: list, device,
-                    batch_size: int) -> list[str]:
-    """Greedy translations of this rank's examples; every rank runs the same number of forward passes."""
+def translate_shard(stage: str, model, builder: data.ExampleBuilder, examples: list, device, batch_size: int,
+                    whole: bool) -> list[str]:
+    """Greedy translations of this rank's examples. whole: the model is hook-free on every rank (see whole_model),
+    so each rank decodes alone; otherwise every rank runs the same number of forward passes."""
     from inference.translator import teacher_generate
-    outputs = []
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))  # batches that pad little
+    outputs: list[str] = [""] * len(examples)
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        batch = to_device(data.collate(chunk, builder.pad_id, builder.bos_id, builder.vocab.student_of,
-                                       builder.tokenizer.pad_token_id), device)
+        picked = order[start:start + batch_size]
+        chunk = [examples[i] for i in picked]
+        batch = to_device(builder.collate(chunk), device)
         if stage == "distill":
             ids = model.generate(batch["source_ids"], batch["source_mask"], batch["direction"],
-                                 all_done=lambda done: not any_rank(not done, device))
-            outputs += [builder.decode(row) for row in ids]
+                                 all_done=None if whole else lockstep(device))
+            texts = [builder.decode(row) for row in ids]
         else:
-            prompts = [ex.prompt_ids for ex in chunk]
-            outputs += teacher_generate(model, builder.tokenizer, prompts, builder.max_target_len, device,
-                                        synced_gpus=True)
+            texts = teacher_generate(model, builder.tokenizer, [ex.prompt_ids for ex in chunk],
+                                     builder.max_target_len, device, synced_gpus=not whole)
+        for i, text in zip(picked, texts):
+            outputs[i] = text
     return outputs
 
 
-def evaluate(stage: str, models: "Models", builder, valid_examples: list, cfg: config_lib.Config, device) -> dict:
-    """Validation loss over the subset, then greedy BLEU/chrF per direction, computed once on rank 0."""
+def evaluate(stage: str, models: "Models", builder, valid_examples: list, cfg: config_lib.Config, device,
+             on_gpu: bool) -> dict:
+    """Validation loss over the subset, then greedy BLEU/chrF per direction, computed once on rank 0. Decoding runs
+    on the whole, hook-free model when it fits (a student always does; a trained teacher when its weights take at
+    most half of the free memory), else through ZeRO-3's hooks, in lockstep."""
     from inference.metrics import score
     rank, world = dist.get_rank(), dist.get_world_size()
     engine = models.engine
     engine.eval()
-    timings = {"teacher": 0.0, "student": 0.0}
+    timer = StepTimer(None, False)
     losses = []
     with torch.no_grad():
         # small enough that every rank gets a batch even from a small validation subset
         size = max(1, min(cfg.train.micro_batch_size, len(valid_examples) // world))
         for indices in data.make_batches(valid_examples, size, 0, 0, 0, world)[rank::world]:
-            batch = to_device(data.collate([valid_examples[i] for i in indices], builder.pad_id, builder.bos_id,
-                                           builder.vocab.student_of, builder.tokenizer.pad_token_id), device)
-            parts = step_loss(stage, models, batch, cfg, timings)
-            losses.append([float(parts.total), float(parts.kd), float(parts.ce)])
-        mean = torch.tensor(losses, dtype=torch.float64).mean(0).tolist() if losses else [0.0, 0.0, 0.0]
+            batch = to_device(builder.collate([valid_examples[i] for i in indices]), device)
+            parts = step_loss(stage, models, batch, cfg, timer)
+            losses.append(torch.stack([parts.total, parts.kd, parts.ce]).double())
+        mean = torch.stack(losses).mean(0).tolist() if losses else [0.0, 0.0, 0.0]
         loss, kd, ce = mean_across_ranks(mean, device)
         # an equal share per rank (the last rank pads by repeating) keeps every rank's generate in step
         share = math.ceil(len(valid_examples) / world)
         mine = (valid_examples[rank * share:(rank + 1) * share] or valid_examples[:1])
         mine = mine + [mine[-1]] * (share - len(mine))
-        model = engine.module
-        hyps = translate_shard(stage, model, builder, mine, device, cfg.train.micro_batch_size)
+        fits = stage == "distill" or model_bytes(engine.module) <= 0.5 * free_memory_per_rank(on_gpu)
+        with whole_model(engine, allowed=fits) as whole:
+            hyps = translate_shard(stage, engine.module, builder, mine, device, cfg.train.micro_batch_size, whole)
     gathered: list = [None] * world
     dist.all_gather_object(gathered, hyps)
     result = {"loss": loss, "kd": kd, "ce": ce}
@@ -479,8 +613,12 @@ def save_folder(stage: str, state_dict: dict, cfg: config_lib.Config, run: Path,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model_config = AutoConfig.from_pretrained(run / ("student_config" if stage == "distill" else "teacher_config"))
-    if getattr(model_config, "tie_word_embeddings", False) and stage != "distill":
-        state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+    if stage == "distill":  # ONNX export and the board start from float32, whatever precision trained it
+        state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    else:  # the fine-tuned teacher keeps its training precision, and its config says which
+        model_config.dtype = next(v.dtype for v in state_dict.values() if v.is_floating_point())
+        if getattr(model_config, "tie_word_embeddings", False):
+            state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
     save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / "model.safetensors"),
               metadata={"format": "pt"})
     model_config.save_pretrained(tmp)
@@ -647,19 +785,26 @@ def prepare_data(stage: str, cfg: config_lib.Config, run: Path, world: int) -> R
 
 @dataclass
 class Models:
-    """The trained model's engine and, when distilling, the frozen teacher's body engine and output rows."""
+    """The trained model's engine and, when distilling, the frozen teacher's body and output rows."""
     engine: object
-    teacher: object = None                     # distill: DeepSpeed engine over the teacher's body
+    teacher: object = None                     # distill: a plain module (resident) or a ZeRO-3 engine (sharded)
     teacher_rows: torch.Tensor | None = None   # distill: teacher output rows for the student's ids [K, H]
     hf_ds: object = None                       # keeps transformers' ZeRO-3 view alive (see load_teacher)
     flops: "StepFlops | None" = None
+    teacher_whole: bool = False                # the teacher is a plain module: it decodes with no collective
+
+
+def resolve_ds_config(cfg: config_lib.Config, stage: str, on_gpu: bool) -> str:
+    """train.ds_config auto: ZeRO-3 for a trained teacher (sft) and on CPU (the tested default); ZeRO-2 for a student
+    distilled on GPUs, where ZeRO-3 would all-gather each of its ~100 small tensors every micro-batch."""
+    if cfg.train.ds_config != "auto":
+        return cfg.train.ds_config
+    return "ds_configs/zero2.json" if stage == "distill" and on_gpu else "ds_configs/zero3.json"
 
 
 def build_models(stage: str, cfg: config_lib.Config, prepared: RunData, run: Path, world: int, use_bf16: bool,
                  on_gpu: bool, device, load_universal: bool = False) -> Models:
     """load_universal: the checkpoint to resume is a universal one (any number of ranks can load it)."""
-    import deepspeed
-
     from model import StudentConfig, StudentForTranslation
     dtype = torch.bfloat16 if use_bf16 else torch.float32
     trained_ds = deepspeed_config(cfg.train.ds_config, cfg, world, use_bf16, trained=True)
@@ -669,14 +814,15 @@ def build_models(stage: str, cfg: config_lib.Config, prepared: RunData, run: Pat
         teacher, hf_ds = load_teacher(cfg.train.teacher, trained_ds, dtype, cfg.train.trust_remote_code)
         return Models(build_engine(teacher, trained_ds, cfg, prepared.total_steps), hf_ds=hf_ds)
 
-    teacher_ds = deepspeed_config(cfg.train.teacher_ds_config, cfg, world, use_bf16, trained=False)
     parameters = teacher_parameters(prepared.teacher_config, cfg.train.trust_remote_code)
-    log.info(place_teacher(teacher_ds, cfg.distill.teacher_placement, parameters, dtype, world,
-                           free_memory_per_rank(on_gpu)))
-    teacher, hf_ds = load_teacher(cfg.train.teacher, teacher_ds, dtype, cfg.train.trust_remote_code)
-    body, rows = split_teacher_head(teacher, prepared.vocab.teacher_ids, cfg.train.teacher)
-    teacher_engine, *_ = deepspeed.initialize(model=body, config=teacher_ds)
-    teacher_engine.module.eval()
+    placement, why = place_teacher(cfg.distill.teacher_placement, parameters, dtype, world,
+                                   free_memory_per_rank(on_gpu))
+    teacher, rows, hf_ds = load_frozen_teacher(cfg, prepared, placement, dtype, device, world, use_bf16)
+    log.info("teacher placement: %s: %s; %s", placement, why,
+             f"a plain {str(dtype).removeprefix('torch.')} module on {device} (no ZeRO engine, no hooks): seq-KD "
+             "and scoring run it directly, each rank alone" if placement == "resident" else
+             f"a ZeRO-3 engine, buckets scaled to width {prepared.teacher_config.hidden_size}: every forward "
+             "gathers its layers through ZeRO-3's hooks, so seq-KD decodes with all ranks in lockstep")
     torch.manual_seed(cfg.train.seed)  # identical initial student on every rank
     builder = prepared.builder
     student_cfg = StudentConfig.from_model_config(cfg.model, prepared.vocab.size, builder.pad_id, builder.bos_id,
@@ -686,21 +832,27 @@ def build_models(stage: str, cfg: config_lib.Config, prepared: RunData, run: Pat
     student = StudentForTranslation(student_cfg)
     flops = StepFlops.of(prepared.teacher_config, parameters, student, prepared.vocab.size)
     engine = build_engine(student, trained_ds, cfg, prepared.total_steps)
-    log.info("student: %s preset, %s decoder, %.2fM parameters; teacher: %s", cfg.model.preset, cfg.model.decoder,
-             flops.student_parameters / 1e6, cfg.train.teacher)
-    return Models(engine, teacher_engine, rows.to(device), hf_ds, flops)
+    log.info("student: %s preset, %s decoder, %.2fM parameters, %s; teacher: %s", cfg.model.preset,
+             cfg.model.decoder, flops.student_parameters / 1e6, cfg.train.ds_config, cfg.train.teacher)
+    return Models(engine, teacher, rows, hf_ds, flops, teacher_whole=placement == "resident")
 
 
-def step_loss(stage: str, models: Models, batch: dict, cfg: config_lib.Config, timings: dict) -> LossParts:
+def step_loss(stage: str, models: Models, batch: dict, cfg: config_lib.Config, timer: StepTimer) -> LossParts:
     if stage == "distill":
-        return distill_step(models.engine, models.teacher, models.teacher_rows, batch, cfg.distill, timings)
-    return sft_step(models.engine, batch, timings)
+        return distill_step(models.engine, models.teacher, models.teacher_rows, batch, cfg.distill, timer)
+    return sft_step(models.engine, batch, timer)
 
 
 # ----------------------------------------------------------------------------- throughput
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-                   "L40S": 362e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}  # dense, per GPU
+# Dense bf16 peak per GPU (vendor data sheets, no sparsity), by a part of torch.cuda.get_device_name(). The first
+# match wins, so a variant with another peak comes before the name it contains ("H100 PCIe" before "H100", "H200"
+# before "H20", "A100" before "A10"; an SXM H100 reports "NVIDIA H100 80GB HBM3", a GH200 matches "H200"). None:
+# a card whose peak we do not know for sure, so no MFU is shown for it rather than a wrong one.
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+                   ("H800", 989e12), ("H20", 148e12), ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12),
+                   ("L40S", 362e12), ("L40", 181e12), ("L20", 119e12), ("A10G", None), ("A10", 125e12),
+                   ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 6000 Ada", 364e12), ("A6000", 155e12))
 
 
 @dataclass
@@ -728,12 +880,16 @@ class StepFlops:
                 + self.student_per_source * source_tokens + self.student_per_target * target_tokens)
 
 
-def peak_flops(on_gpu: bool) -> float | None:
-    """Dense bf16 peak of this GPU, for MFU; None on CPU or an unknown card."""
-    if not on_gpu:
+def peak_flops(device_name: str | None) -> float | None:
+    """Dense bf16 peak of the GPU named so (torch.cuda.get_device_name), for MFU; None on CPU (no name) or for a
+    card not in PEAK_BF16_FLOPS: no MFU rather than a wrong one."""
+    if not device_name:
         return None
-    name = torch.cuda.get_device_name()
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in device_name), None)
+
+
+def gpu_name(on_gpu: bool) -> str | None:
+    return torch.cuda.get_device_name() if on_gpu else None
 
 
 # ----------------------------------------------------------------------------- main
@@ -747,12 +903,11 @@ def main(argv: list[str] | None = None) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     # ---- set-up: processes, run folder, logging
-    init_processes()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    procs = start_processes()
+    rank, world, device, on_gpu = procs.rank, procs.world, procs.device, procs.on_gpu
     accelerator = get_accelerator()
-    device = torch.device(accelerator.current_device_name())
-    on_gpu = accelerator.device_name() != "cpu"
     use_bf16 = cfg.train.bf16 == "on" or (cfg.train.bf16 == "auto" and on_gpu and accelerator.is_bf16_supported())
+    cfg.train.ds_config = resolve_ds_config(cfg, args.stage, on_gpu)
     run = Path(cfg.train.out)
     ckpt_dir = run / "checkpoints"
     setup_logging(run)
@@ -775,6 +930,9 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer, vocab, builder = prepared.tokenizer, prepared.vocab, prepared.builder
     train_examples, valid_examples = prepared.train_examples, prepared.valid_examples
     batches_per_epoch, total_steps = prepared.batches_per_epoch, prepared.total_steps
+    if builder.has_thinking_switch:
+        log.info("chat template: the teacher's has a thinking switch (Qwen3-style); thinking is off, so its "
+                 "answer starts with the translation")
     if is_main():
         vocab.save(run)
         tokenizer.save_pretrained(run / "tokenizer")
@@ -785,7 +943,7 @@ def main(argv: list[str] | None = None) -> None:
     use_seq_kd = args.stage == "distill" and cfg.distill.seq_kd
     if use_seq_kd:  # a stale cache is refused here, before any model is loaded
         seq_kd_path = seq_kd.cache_path(cfg, run)
-        seq_kd_head = seq_kd.cache_header(cfg, train_examples, vocab)
+        seq_kd_head = seq_kd.cache_header(cfg, train_examples, builder)
         seq_kd_cached = seq_kd.read_cache(seq_kd_path, seq_kd_head)
 
     # ---- models: the teacher (frozen and placed by memory, or trained in sft) and the student
@@ -808,11 +966,11 @@ def main(argv: list[str] | None = None) -> None:
     models = build_models(args.stage, cfg, prepared, run, world, use_bf16, on_gpu, device,
                           load_universal=bool(resume_tag) and resume_tag.endswith("_universal"))
     engine = models.engine
-    peak = peak_flops(on_gpu)
+    peak = peak_flops(gpu_name(on_gpu))
     # seq_kd: the teacher's cached translation replaces the reference as target, example by example
     seq_kd_by_key = (seq_kd.teacher_targets(cfg, prepared, models.teacher, models.teacher_rows, seq_kd_head,
                                             seq_kd_cached, seq_kd_path, device,
-                                            all_done=lambda done: not any_rank(not done, device))
+                                            all_done=None if models.teacher_whole else lockstep(device))
                      if use_seq_kd else {})
 
     # ---- resume: weights, optimiser, scheduler and the data position
@@ -860,6 +1018,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---- the loop
     writer = SummaryWriter(str(run / "tb")) if is_main() else None
     micro_per_step = cfg.train.grad_accum
+    trained_region = "student" if args.stage == "distill" else "teacher"
 
     def micro_batches(done: int):
         """This rank's micro-batches after the first `done` of all ranks together (epochs reshuffle by seed): a run
@@ -875,87 +1034,96 @@ def main(argv: list[str] | None = None) -> None:
                 yield epoch, position, seq_kd.with_targets([train_examples[i] for i in indices], seq_kd_by_key)
             epoch, offset = epoch + 1, 0
 
+    def flush(pending: list[StepRecord]) -> None:
+        """Write the steps since the last flush: metrics.jsonl, TensorBoard, the progress bar and (rank 0) the log
+        line. Their losses stayed on the device until now: the one host sync of a logging interval, whose wall time
+        is shared out evenly among its steps (a GPU step's own host time says nothing while kernels queue)."""
+        nonlocal flushed_at
+        if not pending:
+            return
+        rows = torch.stack([torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                                         for v in r.device_values()]) for r in pending])
+        dist.all_reduce(rows)
+        seconds, flushed_at = time.perf_counter() - flushed_at, time.perf_counter()
+        for record_, row in zip(pending, (rows / world).tolist()):
+            write_step(record_, row, seconds / len(pending))
+        if progress:
+            progress.set_postfix(loss=f"{row[0]:.3f}", kd=f"{row[1]:.3f}", ce=f"{row[2]:.3f}")
+
+    def write_step(r: StepRecord, row: list[float], seconds: float) -> None:
+        total, kd, ce, target, source, teacher, padded = row[:3] + [c * world for c in row[3:]]
+        if not writer:
+            return
+        ms = r.timer.ms()
+        tokens_per_s = (target + source) / seconds
+        flops_per_s = models.flops(teacher, source, target) / seconds if models.flops else 0.0
+        record(run, {"step": r.step, "loss": total, "kd": kd, "ce": ce, "lr": r.lr, "tokens_per_s": tokens_per_s,
+                     "tflops": flops_per_s / 1e12, **({"on_policy": True} if r.on_policy else {}),
+                     **({"skipped": r.skipped} if r.skipped else {})})
+        scalars = [("loss/total", total), ("loss/kd", kd), ("loss/ce", ce), ("lr", r.lr),
+                   ("grad_norm", float(r.grad_norm or 0.0)), ("throughput/tokens_per_s", tokens_per_s),
+                   ("throughput/teacher_tokens_per_s", teacher / seconds),
+                   ("data/padding_fraction", 1 - (target + source) / max(padded, 1)),
+                   ("time/teacher_ms", ms["teacher"]), ("time/student_ms", ms["student"]),
+                   ("memory/max_allocated_gb", max_memory_gb(accelerator, on_gpu)),
+                   ("faults/skipped_steps", r.skipped_total)]
+        if models.flops:
+            scalars.append(("throughput/tflops_per_gpu", flops_per_s / world / 1e12))
+            if peak:
+                scalars.append(("throughput/mfu", flops_per_s / world / peak))
+        for name, value in scalars:
+            if math.isfinite(value):
+                writer.add_scalar(name, value, r.step)
+        if r.step % cfg.train.log_every == 0 or r.step == 1:
+            eta = (time.perf_counter() - started) / (r.step - first_step) * (total_steps - r.step)
+            log.info("step %d/%d | epoch %d | loss %.4f kd %.4f ce %.4f | lr %.2e | %.0f tok/s %s| "
+                     "teacher %.0f ms student %.0f ms | eta %.0f s", r.step, total_steps, r.epoch, total, kd, ce,
+                     r.lr, tokens_per_s, f"MFU {flops_per_s / world / peak:.1%} " if peak and models.flops else "",
+                     ms["teacher"], ms["student"], eta)
+
     stream = micro_batches(batches_done)
     progress = None
     if is_main():
         from tqdm import tqdm
         progress = tqdm(total=total_steps, initial=step, desc=args.stage, unit="step", dynamic_ncols=True)
     bad_steps, skipped_total, started, first_step = 0, 0, time.perf_counter(), step
+    flushed_at, pending = started, []
     while step < total_steps:
         # dropout and any sampling are seeded by (seed, step, rank): a resumed run replays the same noise
         torch.manual_seed(cfg.train.seed + step * world + rank)
-        timings = {"teacher": 0.0, "student": 0.0}
-        sums, counts = [0.0, 0.0, 0.0], [0, 0, 0, 0]  # counts: target, source, teacher and padded tokens
-        step_start = time.perf_counter()
-        skipped = None  # why this step changed no weights, if it did not
+        timer = StepTimer(accelerator, on_gpu)
+        micro: list[MicroBatch] = []
         on_policy = args.stage == "distill" and seq_kd.is_on_policy_step(cfg.train.seed, step + 1,
                                                                          cfg.distill.on_policy_ratio)
         for _ in range(micro_per_step):
             epoch, position, examples = next(stream)
             if on_policy:
-                parts, batch = on_policy_loss(models, examples, builder, cfg.distill, device, timings)
+                parts, host = on_policy_loss(models, examples, builder, cfg.distill, device, timer)
             else:
-                batch = to_device(data.collate(examples, builder.pad_id, builder.bos_id, vocab.student_of,
-                                               tokenizer.pad_token_id), device)
-                parts = step_loss(args.stage, models, batch, cfg, timings)
+                host = builder.collate(examples)
+                parts = step_loss(args.stage, models, to_device(host, device), cfg, timer)
             if fault("loss", step + 1) and rank == 0:
                 parts = parts._replace(total=parts.total * float("nan"))
-            start = time.perf_counter()
-            # every rank must agree, or one would run backward's collectives alone and hang
-            if any_rank(not bool(torch.isfinite(parts.total.detach())), device):
-                skipped = f"non-finite loss at step {step + 1}, epoch {epoch} batch {position}"
-            else:
+            with timer.region(trained_region):
+                # a non-finite loss is not checked here (a host sync every micro-batch): its gradient norm is not
+                # finite either, and DeepSpeed then skips the update on every rank (its norm is all-reduced)
                 engine.backward(parts.total)
                 fault("in_step", step + 1)
-                engine.step()  # DeepSpeed itself skips the update when the gradient norm is not finite
-                if not math.isfinite(float(engine.get_global_grad_norm() or 0.0)):
-                    skipped = f"non-finite gradient at step {step + 1}, epoch {epoch} batch {position}"
-            timings["student" if args.stage == "distill" else "teacher"] += time.perf_counter() - start
-            sums = [s + float(v.detach()) for s, v in zip(sums, (parts.total, parts.kd, parts.ce))]
-            counts = [c + n for c, n in zip(counts, (parts.tokens, int(batch["source_mask"].sum()),
-                                                     int(batch["teacher_attention_mask"].sum()),
-                                                     batch["labels"].numel() + batch["source_ids"].numel()))]
+                engine.step()
+            micro.append(MicroBatch(epoch, position, parts, batch_counts(host)))
         step += 1
         batches_done += micro_per_step * world
-        total, kd, ce, *counts_all = mean_across_ranks([s / micro_per_step for s in sums] + counts, device)
+        skipped = None if engine.was_step_applied() else skip_reason(micro, step, device)
         bad_steps = bad_steps + 1 if skipped else 0
         skipped_total += bool(skipped)
-        elapsed = time.perf_counter() - step_start
-        if writer:
-            target_all, source_all, teacher_all, padded_all = (c * world for c in counts_all)
-            tokens_per_s = (target_all + source_all) / elapsed
-            flops_per_s = models.flops(teacher_all, source_all, target_all) / elapsed if models.flops else 0.0
-            record(run, {"step": step, "loss": total, "kd": kd, "ce": ce, "lr": engine.get_lr()[0],
-                         "tokens_per_s": tokens_per_s, "tflops": flops_per_s / 1e12,
-                         **({"on_policy": True} if on_policy else {}), **({"skipped": skipped} if skipped else {})})
-            grad_norm = engine.get_global_grad_norm()
-            scalars = [("loss/total", total), ("loss/kd", kd), ("loss/ce", ce), ("lr", engine.get_lr()[0]),
-                       ("grad_norm", float(grad_norm or 0.0)), ("throughput/tokens_per_s", tokens_per_s),
-                       ("throughput/teacher_tokens_per_s", teacher_all / elapsed),
-                       ("data/padding_fraction", 1 - (target_all + source_all) / max(padded_all, 1)),
-                       ("time/teacher_ms", timings["teacher"] * 1000),
-                       ("time/student_ms", timings["student"] * 1000),
-                       ("memory/max_allocated_gb", max_memory_gb(accelerator, on_gpu)),
-                       ("faults/skipped_steps", skipped_total)]
-            if models.flops:
-                scalars.append(("throughput/tflops_per_gpu", flops_per_s / world / 1e12))
-                if peak:
-                    scalars.append(("throughput/mfu", flops_per_s / world / peak))
-            for name, value in scalars:
-                if math.isfinite(value):
-                    writer.add_scalar(name, value, step)
+        pending.append(StepRecord(step, epoch, on_policy, micro, engine.get_lr()[0], engine.get_global_grad_norm(),
+                                  timer, skipped, skipped_total))
+        if progress:
             progress.update(1)
-            progress.set_postfix(loss=f"{total:.3f}", kd=f"{kd:.3f}", ce=f"{ce:.3f}")
-            if skipped:
-                log.warning("skipped the update: %s (%d in a row, %d in all)", skipped, bad_steps, skipped_total)
-            if step % cfg.train.log_every == 0 or step == 1:
-                eta = (time.perf_counter() - started) / (step - first_step) * (total_steps - step)
-                log.info("step %d/%d | epoch %d | loss %.4f kd %.4f ce %.4f | lr %.2e | %.0f tok/s %s| "
-                         "teacher %.0f ms student %.0f ms | eta %.0f s", step, total_steps, epoch, total, kd, ce,
-                         engine.get_lr()[0], tokens_per_s,
-                         f"MFU {flops_per_s / world / peak:.1%} " if peak and models.flops else "",
-                         timings["teacher"] * 1000, timings["student"] * 1000, eta)
+        if skipped and is_main():
+            log.warning("skipped the update: %s (%d in a row, %d in all)", skipped, bad_steps, skipped_total)
         if bad_steps >= cfg.train.max_bad_steps:
+            flush(pending)
             raise SystemExit(f"train_ds.py: {bad_steps} steps in a row skipped, the last: {skipped}. The last "
                              f"checkpoint in {ckpt_dir} is untouched; resume from it with a lower --lr, or look "
                              "at that batch's data.")
@@ -963,9 +1131,14 @@ def main(argv: list[str] | None = None) -> None:
         last_step = step >= total_steps
         if args.halt_at and step >= args.halt_at:
             stop_requested["signal"] = stop_requested["signal"] or f"--halt_at {args.halt_at}"
-        stopping = any_rank(stop_requested["signal"] is not None, device)
-        if step % cfg.train.eval_every == 0 or last_step:
-            result = evaluate(args.stage, models, builder, valid_examples, cfg, device)
+        # agreed on over the host group: a pre-empted rank saves with the others, and no GPU work is waited for
+        stopping = any_rank(stop_requested["signal"] is not None, "cpu", procs.host_group)
+        evaluating = step % cfg.train.eval_every == 0 or last_step
+        if step % cfg.train.log_every == 0 or step == 1 or evaluating or stopping or last_step:
+            flush(pending)
+            pending = []
+        if evaluating:
+            result = evaluate(args.stage, models, builder, valid_examples, cfg, device, on_gpu)
             history.append({"step": step, **{k: result[k] for k in ("loss", "kd", "ce", "bleu", "chrf")},
                             "directions": result["directions"]})
             improved = result["bleu"] > best_bleu
@@ -1007,6 +1180,47 @@ def main(argv: list[str] | None = None) -> None:
             shutil.copytree(run / "best", run / "final")
             log.info("best model (BLEU %.2f) exported to %s", best_bleu, run / "final")
     dist.barrier()
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of a step: where it came from, its loss parts (on the device) and its token counts."""
+    epoch: int
+    position: object  # batch index in the epoch, or a StreamPosition
+    parts: LossParts
+    counts: tuple[int, int, int, int]  # target, source, teacher and padded tokens (batch_counts)
+
+
+@dataclass
+class StepRecord:
+    """A trained step waiting for the next flush (train_ds.main): its values stay on the device until then."""
+    step: int
+    epoch: int
+    on_policy: bool
+    micro: list[MicroBatch]
+    lr: float
+    grad_norm: object  # a float or a device tensor, as DeepSpeed keeps it
+    timer: StepTimer
+    skipped: str | None
+    skipped_total: int
+
+    def device_values(self) -> list:
+        """[loss, kd, ce] averaged over the micro-batches (device tensors), then the token counts summed."""
+        n = len(self.micro)
+        losses = [sum(m.parts[i].detach().double() for m in self.micro) / n for i in range(3)]
+        return losses + [float(sum(m.counts[i] for m in self.micro)) for i in range(4)]
+
+
+def skip_reason(micro: list[MicroBatch], step: int, device) -> str:
+    """Why DeepSpeed skipped step's update (its gradient norm was not finite), naming the first micro-batch whose
+    loss was not finite on any rank. Only a skipped step pays this sync; every rank skips together."""
+    flags = torch.stack([(~torch.isfinite(m.parts.total.detach())).to(torch.float64) for m in micro]).to(device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad = [i for i, flag in enumerate(flags.tolist()) if flag]
+    if not bad:
+        return f"non-finite gradient at step {step}, epoch {micro[-1].epoch} batch {micro[-1].position}"
+    first = micro[bad[0]]
+    return f"non-finite loss at step {step}, epoch {first.epoch} batch {first.position}"
 
 
 def record(run: Path, entry: dict) -> None:

@@ -139,7 +139,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_positions: int) -> Qw
 
 
 def random_qwen2(arch: Architecture, vocab_size: int, pad_id: int, eos_id: int, seed: int,
-                 tie_embeddings: bool = False) -> Qwen2ForCausalLM:
+                 tie_embeddings: bool = False, dtype: str = "float32") -> Qwen2ForCausalLM:
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -149,10 +149,10 @@ def random_qwen2(arch: Architecture, vocab_size: int, pad_id: int, eos_id: int, 
         max_position_embeddings=arch.max_positions, tie_word_embeddings=tie_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         # Qwen2Config's defaults point at 151643 and would fall outside a small vocabulary.
-        bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id, dtype="float32",
+        bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id, dtype=dtype,
     )
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).float()
+    model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
     model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=pad_id)
     return model
 
@@ -172,7 +172,7 @@ def check_output_folder(out_dir: Path, force: bool) -> None:
 
 
 def build_teacher(pairs: Iterable[TextPair], out_dir: str | Path, size: str = "tiny", vocab_size: int | None = None,
-                  seed: int = 0, force: bool = False) -> TeacherInfo:
+                  seed: int = 0, force: bool = False, dtype: str = "float32") -> TeacherInfo:
     """Train the tokenizer on both sides of pairs, build the random model, save both to out_dir.
 
     With force, files in a non-empty out_dir are overwritten in place (nothing else there is deleted).
@@ -192,7 +192,8 @@ def build_teacher(pairs: Iterable[TextPair], out_dir: str | Path, size: str = "t
     log.info("tokenizer: %d tokens from %d pairs in %.1fs", len(tokenizer), len(pairs), time.perf_counter() - started)
 
     pad_id, eos_id = tokenizer.convert_tokens_to_ids([PAD_TOKEN, EOS_TOKEN])
-    model = random_qwen2(arch, arch.model_vocab or padded_vocab_size(len(tokenizer)), pad_id, eos_id, seed)
+    model = random_qwen2(arch, arch.model_vocab or padded_vocab_size(len(tokenizer)), pad_id, eos_id, seed,
+                         dtype=dtype)
     save_folder(tokenizer, model, out_dir)
     log.info("saved %s in %.1fs", out_dir, time.perf_counter() - started)
     return TeacherInfo(out_dir, model.num_parameters(), len(tokenizer), model.config.vocab_size, size)
@@ -215,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                              + ", ".join(f"{k} {v}" for k, v in DEFAULT_VOCAB.items()) + ")")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
     parser.add_argument("--force", action="store_true", help="overwrite files in a non-empty --out folder")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights' precision (bfloat16 halves a benchmark-sized teacher; default float32)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs = read_pairs(train_file)
         if not pairs:
             raise CorpusError(f"{train_file}: no pairs")
-        info = build_teacher(pairs, args.out, args.size, args.vocab_size, args.seed, args.force)
+        info = build_teacher(pairs, args.out, args.size, args.vocab_size, args.seed, args.force, args.dtype)
     except CorpusError as exc:
         print(f"make_tiny_teacher: no usable corpus: {exc} (build one with scripts/build_corpus.py)", file=sys.stderr)
         return 2

@@ -67,3 +67,19 @@ def test_every_field_has_help():
     parser = argparse.ArgumentParser()
     cfg_lib.add_arguments(parser)
     assert all(action.help for action in parser._actions)
+
+
+def test_gpu_defaults_are_a_layer_under_the_preset_the_file_and_the_flags(tmp_path):
+    parser = argparse.ArgumentParser()
+    cfg_lib.add_arguments(parser)
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  tokens_per_batch: 2048\n")
+    args = parser.parse_args(["--config", str(path), "--log_every", "7", "--preset", "balanced"])
+    gpu, cpu = cfg_lib.from_args(args, on_gpu=True), cfg_lib.from_args(args)
+    assert (gpu.data.tokens_per_batch, gpu.train.log_every, gpu.train.eval_every, gpu.distill.seq_kd_batch) == \
+        (2048, 7, 1000, 256)
+    assert (cpu.data.tokens_per_batch, cpu.train.log_every, cpu.train.eval_every, cpu.distill.seq_kd_batch) == \
+        (2048, 7, 100, 64)
+    assert gpu.model == cpu.model and gpu.model.d_model == 320
+    assert "validate (loss, BLEU, chrF) every N steps (range 1 to 1e+09) [default: 100; on GPUs 1000]" in \
+        " ".join(parser.format_help().split())

@@ -281,12 +281,73 @@ def test_spliced_prompt_equals_rendered_template(builder, small_corpus):
         assert ex.prompt_ids == builder.tokenizer.encode(rendered, add_special_tokens=False)
 
 
+# Chat templates in the style of each Qwen generation, written for these tests: what differs between them is what
+# the teacher is conditioned on. Qwen1.5 and Qwen2 add a default system turn, Qwen2.5 another default system text,
+# Qwen3 none, but its assistant turn opens in thinking mode unless enable_thinking is false (then an empty think
+# block is closed at once).
+_TURNS = ("{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{%- endfor %}")
+_DEFAULT_SYSTEM = ("{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\n{SYSTEM}<|im_end|>\\n' }}"
+                   "{%- endif %}")
+QWEN_TEMPLATES = {
+    "qwen1.5": _DEFAULT_SYSTEM.replace("{SYSTEM}", "You are a helpful assistant.") + _TURNS
+    + "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}",
+    "qwen2": _DEFAULT_SYSTEM.replace("{SYSTEM}", "You are a helpful assistant.") + _TURNS
+    + "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}",
+    "qwen2.5": _DEFAULT_SYSTEM.replace("{SYSTEM}", "You are Qwen, created by Alibaba Cloud. You are a helpful "
+                                                  "assistant.") + _TURNS
+    + "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}",
+    "qwen3": _TURNS + "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}",
+}
+INSTRUCTION = "<|im_start|>user\nTranslate the following text from Chinese to English.\n打开文件<|im_end|>\n"
+EXPECTED_PROMPTS = {
+    "qwen1.5": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" + INSTRUCTION
+    + "<|im_start|>assistant\n",
+    "qwen2": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" + INSTRUCTION + "<|im_start|>assistant\n",
+    "qwen2.5": "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    + INSTRUCTION + "<|im_start|>assistant\n",
+    "qwen3": INSTRUCTION + "<|im_start|>assistant\n<think>\n\n</think>\n\n",
+}
+
+
+@pytest.mark.parametrize("style", sorted(QWEN_TEMPLATES))
+def test_every_qwen_generation_prompts_the_teacher_to_translate_at_once(style, small_corpus):
+    """The real Qwen tokenizer with each generation's template style: the teacher sees exactly the expected prompt
+    (Qwen3: thinking closed), the spliced prompt ids equal the rendered prompt's, and every target id, the first
+    included, is one the student keeps: no target position asks the teacher for a thinking token."""
+    import copy
+    tokenizer = copy.deepcopy(load_real_qwen_tokenizer())
+    tokenizer.chat_template = QWEN_TEMPLATES[style]
+    if style == "qwen3":
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    pairs = data.read_pairs(small_corpus / "train.jsonl")[:40]
+    vocab = data.build_vocab_map(tokenizer, [p.zh for p in pairs] + [p.en for p in pairs], 400, 151936)
+    builder = data.ExampleBuilder(tokenizer, vocab, 48, 48)
+    assert builder.prompt_text("打开文件", "zh-en") == EXPECTED_PROMPTS[style]
+    assert builder.has_thinking_switch == (style == "qwen3")
+    examples, _ = builder.examples(pairs, ["zh-en", "en-zh"])
+    think = {tokenizer.convert_tokens_to_ids(t) for t in ("<think>", "</think>")} if style == "qwen3" else set()
+    for ex in examples:
+        rendered = builder.prompt_text(ex.source_text, ("zh-en", "en-zh")[ex.direction])
+        assert ex.prompt_ids == tokenizer.encode(rendered, add_special_tokens=False)
+        assert all(t in vocab.student_of for t in ex.target_ids) and not think & set(ex.target_ids)
+        if style == "qwen3":
+            assert ex.prompt_ids[-4:-1] == tokenizer.encode("<think>\n\n</think>", add_special_tokens=False)
+    fingerprints = {builder.prompt_fingerprint()}
+    tokenizer.chat_template = QWEN_TEMPLATES["qwen2.5" if style == "qwen3" else "qwen3"]
+    assert data.ExampleBuilder(tokenizer, vocab, 48, 48).prompt_fingerprint() not in fingerprints
+
+
 def test_teacher_and_student_targets_align(builder, small_corpus):
     pairs = data.read_pairs(small_corpus / "train.jsonl")[:16]
     examples, _ = builder.examples(pairs, ["zh-en", "en-zh"])
     batch = data.collate(examples, builder.pad_id, builder.bos_id, builder.vocab.student_of,
                          builder.tokenizer.pad_token_id)
     width = len(batch["labels"][0])
+    flat = [label for row in batch["labels"] for label in row]
+    assert batch["target_positions"] == [i for i, label in enumerate(flat) if label != data.IGNORE_INDEX]
     for row, ex in enumerate(examples):
         teacher_row = batch["teacher_input_ids"][row]
         prompt_end = len(teacher_row) - (width - 1)  # P: the teacher predicts label j at position P - 1 + j

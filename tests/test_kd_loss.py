@@ -89,6 +89,19 @@ def test_fused_loss_in_bf16_is_within_one_percent(kind):
         assert (got.float() - want).norm() <= 1e-2 * want.norm()
 
 
+def test_target_positions_from_the_host_select_what_the_mask_selects():
+    """data.collate's target_positions (no host sync on a GPU) give the loss and gradients the mask gives."""
+    s_hidden, s_weight, t_hidden, t_weight, labels = make_inputs()
+    positions = torch.tensor([i for i, label in enumerate(labels.flatten().tolist()) if label != IGNORE_INDEX])
+    cfg = config("forward_kl", chunk=4)
+    masked = fused_distill_loss(s_hidden, s_weight, t_hidden, t_weight, labels, cfg)
+    given = fused_distill_loss(s_hidden, s_weight, t_hidden, t_weight, labels, cfg, target_positions=positions)
+    assert given.tokens == masked.tokens == len(positions) and torch.equal(given.total, masked.total)
+    for a, b in zip(torch.autograd.grad(given.total, (s_hidden, s_weight)),
+                    torch.autograd.grad(masked.total, (s_hidden, s_weight))):
+        assert torch.equal(a, b)
+
+
 def test_plain_loss_equals_fused_loss():
     s_hidden, s_weight, t_hidden, t_weight, labels = make_inputs()
     cfg = config("skew_reverse_kl", chunk=3)

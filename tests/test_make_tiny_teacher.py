@@ -161,6 +161,16 @@ def test_seed_fixes_the_weights(pairs: list[Pair], tmp_path: Path, model) -> Non
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 
+def test_bfloat16_teacher_is_the_float32_one_rounded(pairs: list[Pair], tmp_path: Path, model) -> None:
+    """--dtype bfloat16 (benchmark-sized teachers: half the disk): same seed, the same weights rounded to bf16."""
+    from make_tiny_teacher import build_teacher
+    half = build_teacher(pairs, tmp_path / "bf16", vocab_size=VOCAB, dtype="bfloat16").path
+    assert json.loads((half / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = AutoModelForCausalLM.from_pretrained(half)
+    assert all(torch.equal(b, a.to(torch.bfloat16)) for a, b in zip(model.state_dict().values(),
+                                                                    loaded.state_dict().values()))
+
+
 def test_refuses_a_non_empty_folder(pairs: list[Pair], tmp_path: Path) -> None:
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):

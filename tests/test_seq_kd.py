@@ -142,7 +142,7 @@ def test_step_and_example_choices_are_fixed_by_the_seed():
 def test_a_cache_made_by_another_teacher_is_refused(tiny_teacher, tmp_path):
     from safetensors.torch import load_file, save_file
     header = {"seq_kd_cache": 1, "teacher": seq_kd.teacher_fingerprint(tiny_teacher), "data": "d", "vocab": "v",
-              "max_target_len": 48, "decoding": seq_kd.decoding(1)}
+              "prompt": "p", "max_target_len": 48, "decoding": seq_kd.decoding(1)}
     cache = tmp_path / "cache.jsonl"
     seq_kd.write_cache(cache, header, {"zh-en\t打开": {"ids": [5, 6], "finished": True, "text": "x"}}, None)
     assert seq_kd.read_cache(cache, header) == {"zh-en\t打开": {"ids": [5, 6], "finished": True}}
@@ -156,6 +156,8 @@ def test_a_cache_made_by_another_teacher_is_refused(tiny_teacher, tmp_path):
         seq_kd.read_cache(cache, {**header, "teacher": seq_kd.teacher_fingerprint(other)})
     with pytest.raises(seq_kd.SeqKDCacheError, match="made with another decoding"):  # greedy, now 4 beams
         seq_kd.read_cache(cache, {**header, "decoding": seq_kd.decoding(4)})
+    with pytest.raises(seq_kd.SeqKDCacheError, match="made with another chat prompt"):  # e.g. thinking switched
+        seq_kd.read_cache(cache, {**header, "prompt": "q"})
 
 
 def test_a_teacher_pass_cut_short_keeps_its_finished_rounds(tiny_teacher, small_corpus, tmp_path, monkeypatch,
@@ -166,9 +168,9 @@ def test_a_teacher_pass_cut_short_keeps_its_finished_rounds(tiny_teacher, small_
     monkeypatch.setattr(seq_kd, "ROUND_BATCHES", 1)
     _, cfg = train_ds.parse_args([*RUN_ARGS, "--teacher", str(tiny_teacher), "--data", str(small_corpus),
                                   "--out", str(tmp_path / "run"), "--micro_batch_size", "4",
-                                  "--max_steps", "20", "--distill.seq_kd_beams", "1"])
+                                  "--max_steps", "20", "--distill.seq_kd_beams", "1", "--distill.seq_kd_batch", "16"])
     prepared = train_ds.prepare_data("distill", cfg, tmp_path / "run", 1)
-    header = seq_kd.cache_header(cfg, prepared.train_examples, prepared.vocab)
+    header = seq_kd.cache_header(cfg, prepared.train_examples, prepared.builder)
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
     rows = teacher.lm_head.weight.detach()[torch.tensor(prepared.vocab.teacher_ids)]
     cache = tmp_path / "cache.jsonl"
@@ -183,11 +185,11 @@ def test_a_teacher_pass_cut_short_keeps_its_finished_rounds(tiny_teacher, small_
 
     monkeypatch.setattr(seq_kd, "teacher_translate", counted)
     targets = lambda: seq_kd.teacher_targets(cfg, prepared, teacher.model, rows, header,  # noqa: E731
-                                             seq_kd.read_cache(cache, header), cache, "cpu", lambda done: done)
+                                             seq_kd.read_cache(cache, header), cache, "cpu")
     with pytest.raises(RuntimeError, match="killed"):
         targets()
     kept = seq_kd.read_cache(cache, header)
-    assert len(kept) == asked[0] + asked[1] == 2 * 16  # rounds of one batch of 4 x micro_batch_size sources
+    assert len(kept) == asked[0] + asked[1] == 2 * 16  # rounds of one batch of --distill.seq_kd_batch sources
     with cache.open("a") as handle:
         handle.write('{"key": "zh-en\\tcut')  # the crash came in the middle of the next append
     assert seq_kd.read_cache(cache, header) == kept
@@ -211,7 +213,7 @@ def test_seq_kd_and_on_policy_cache_reuse_resume_and_staleness(tiny_teacher, sma
     # the other half with the teacher, train on the cached ones, and write the union back.
     _, cfg = train_ds.parse_args(args(tmp_path / "full"))
     prepared = train_ds.prepare_data("distill", cfg, tmp_path / "prep", 2)
-    header = seq_kd.cache_header(cfg, prepared.train_examples, prepared.vocab)
+    header = seq_kd.cache_header(cfg, prepared.train_examples, prepared.builder)
     scheduled = seq_kd.scheduled_indices(prepared.train_examples, cfg, 2, prepared.batches_per_epoch,
                                          prepared.total_steps)
     keys = sorted({seq_kd.example_key(prepared.train_examples[i]) for i in scheduled})

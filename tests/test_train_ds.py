@@ -1,13 +1,14 @@
 """A real 2-rank CPU DeepSpeed ZeRO-3 run: teacher fine-tuning, distillation, exact resume, export."""
 
 import json
+import math
 import subprocess
 import sys
 
 import torch
 
 import data
-from conftest import DISTILL, ROOT, launch, step_losses  # the sft_run/distill_run fixtures live in conftest.py
+from conftest import COMMON, DISTILL, ROOT, launch, step_losses  # the sft_run/distill_run fixtures live in conftest.py
 
 
 def test_sft_exports_a_teacher_folder(sft_run):
@@ -123,3 +124,93 @@ def test_streamed_corpus_trains_and_resumes_exactly(tiny_teacher, small_corpus, 
     launch(*args, "--out", str(halted), "--halt_at", "3")
     launch(*args, "--out", str(halted), "--resume")
     assert step_losses(halted) == step_losses(whole) and sorted(step_losses(whole)) == list(range(1, 7))
+
+
+class EightGPUNode:
+    """What DeepSpeed's CUDA accelerator answers on a node with 8 GPUs (the part bind_device uses), for a machine
+    that has none: every rank there sees all 8 devices until it binds its own."""
+
+    def __init__(self):
+        self.bound: list[int] = []
+
+    def device_name(self, index=None) -> str:
+        return "cuda" if index is None else f"cuda:{index}"
+
+    def set_device(self, index: int) -> None:
+        self.bound.append(index)
+
+
+def test_each_rank_of_a_node_binds_its_own_gpu_and_a_cpu_rank_binds_nothing():
+    import train_ds
+    from deepspeed.accelerator import get_accelerator
+    node = EightGPUNode()
+    assert [train_ds.bind_device(node, local_rank) for local_rank in range(8)] == \
+        [torch.device(f"cuda:{r}") for r in range(8)]
+    assert node.bound == list(range(8))
+    assert train_ds.bind_device(get_accelerator(), 5) == torch.device("cpu")  # this machine's real accelerator
+
+
+def test_mfu_uses_each_cards_own_peak_and_none_for_an_unknown_card():
+    import train_ds
+    peaks = {name: train_ds.peak_flops(name) for name in (
+        "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H200", "NVIDIA H20", "NVIDIA A100-SXM4-80GB",
+        "NVIDIA A10", "NVIDIA A10G", "NVIDIA L40S", "NVIDIA GeForce RTX 3090")}
+    assert peaks == {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H200": 989e12,
+                     "NVIDIA H20": 148e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A10": 125e12,
+                     "NVIDIA A10G": None, "NVIDIA L40S": 362e12, "NVIDIA GeForce RTX 3090": None}
+    assert train_ds.peak_flops(train_ds.gpu_name(on_gpu=False)) is None
+
+
+def test_student_zero_stage_and_teacher_buckets_follow_the_device_and_the_teacher():
+    import config as config_lib
+    import train_ds
+    cfg = config_lib.Config()
+    assert [train_ds.resolve_ds_config(cfg, stage, on_gpu) for stage, on_gpu in
+            (("distill", False), ("sft", False), ("distill", True), ("sft", True))] == \
+        ["ds_configs/zero3.json", "ds_configs/zero3.json", "ds_configs/zero2.json", "ds_configs/zero3.json"]
+    cfg.train.ds_config = "ds_configs/zero3_offload.json"
+    assert train_ds.resolve_ds_config(cfg, "distill", True) == "ds_configs/zero3_offload.json"
+    ds = json.loads((ROOT / "ds_configs" / "teacher_zero3.json").read_text())
+    zero = train_ds.teacher_zero3_config(ds, "offload", 4096)["zero_optimization"]  # Qwen3-8B's width
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
+            zero["stage3_param_persistence_threshold"]) == (4096 ** 2, int(0.9 * 4096 ** 2), 40960)
+    assert zero["offload_param"]["device"] == "cpu"
+    gib = 2 ** 30  # 8B bf16 teacher (16 GiB) on 80 GiB cards, 8 ranks; then on 24 GiB cards
+    assert train_ds.place_teacher("auto", 8 * 10 ** 9, torch.bfloat16, 8, 76 * gib)[0] == "resident"
+    assert train_ds.place_teacher("auto", 8 * 10 ** 9, torch.bfloat16, 8, 20 * gib)[0] == "sharded"
+    assert train_ds.place_teacher("auto", 8 * 10 ** 9, torch.bfloat16, 1, 20 * gib)[0] == "offload"
+
+
+def test_bf16_run_fine_tunes_distils_resumes_and_exports_float32(tiny_teacher, small_corpus, tmp_path):
+    """--train.bf16 on, as every GPU run trains, on CPU's bf16 kernels: teacher fine-tuning, then distillation with
+    seq-KD and on-policy steps, evaluation, a checkpoint, an exact resume and the export. The student folder holds
+    float32 weights that load and translate; the fine-tuned teacher keeps bf16 and says so in its config."""
+    from safetensors import safe_open
+
+    from inference import Translator
+    from model import StudentForTranslation
+    bf16 = ["--train.bf16", "on"]
+    sft = tmp_path / "sft"
+    launch("--stage", "sft", "--teacher", str(tiny_teacher), "--data", str(small_corpus), "--out", str(sft),
+           "--max_steps", "4", "--eval_every", "4", *COMMON, *bf16)
+    with safe_open(sft / "final" / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.bfloat16}
+    assert json.loads((sft / "final" / "config.json").read_text())["dtype"] == "bfloat16"
+
+    args = [*DISTILL, "--teacher", str(sft / "final"), "--data", str(small_corpus), "--max_steps", "6",
+            "--eval_every", "3", "--seq_kd", "--on_policy_ratio", "0.5",
+            "--distill.seq_kd_cache", str(tmp_path / "seq_kd.jsonl"), *bf16]
+    result = launch(*args, "--out", str(tmp_path / "whole"))
+    assert "bf16 True" in result.stdout and "teacher translations in" in result.stdout
+    launch(*args, "--out", str(tmp_path / "halted"), "--halt_at", "3")
+    launch(*args, "--out", str(tmp_path / "halted"), "--resume")
+    whole, resumed = step_losses(tmp_path / "whole"), step_losses(tmp_path / "halted")
+    assert sorted(whole) == list(range(1, 7)) and all(math.isfinite(v) for v in whole.values())
+    assert all(resumed[s] == whole[s] for s in range(4, 7)), (resumed, whole)
+    entries = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in entries if "eval" in e] == [3, 6] and any(e.get("on_policy") for e in entries)
+
+    final = tmp_path / "whole" / "final"
+    student = StudentForTranslation.from_pretrained(final)
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+    assert len(Translator(final).translate(["打开文件", "保存"], "zh-en")) == 2
