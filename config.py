@@ -368,6 +368,9 @@ def from_args(args: argparse.Namespace, on_gpu: bool = False) -> Config:
     given = {k: v for k, v in vars(args).items() if "." in k and v is not None}
     cfg = device_defaults(Config(), on_gpu)
     preset = given.get("model.preset")
+    if getattr(args, "config", None) and not Path(args.config).is_file():
+        raise ConfigError(f"--config {args.config}: no such file; expected a JSON or YAML file with sections "
+                          "model, data, distill, train, deploy")
     file_data = load_file(args.config) if getattr(args, "config", None) else {}
     out = (file_data.get("train") or {}).get("out") if isinstance(file_data.get("train"), dict) else None
     if out is not None and (Path(str(out)).is_absolute() or ".." in Path(str(out)).parts):

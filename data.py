@@ -248,6 +248,38 @@ def _check_dataset(rows: Iterable[dict], origin: str, max_chars: int) -> CheckRe
     return _validate(origin, entries, max_chars, "row", origin)
 
 
+def check_source(flag: str, path: str | Path, splits: Sequence[str]) -> None:
+    """Raise one CorpusError line when `path` cannot hold these splits, before anything is read: a folder without
+    them, a single file asked for more than a train split, a path that does not exist. A value that is not a
+    local path is taken for a datasets hub name, unless the hub is off (HF_HUB_OFFLINE=1) and it has no
+    `name:subset` colon, since then it can only be a mistyped folder."""
+    import os
+    text, p = str(path), Path(path)
+    expected = ("a folder with train.jsonl and valid.jsonl (or .tsv), a .jsonl/.tsv file, a datasets folder saved "
+                "with save_to_disk, or a hub name such as wmt19:zh-en")
+    if p.is_dir():
+        if (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
+            return
+        missing = [s for s in splits if not any((p / f"{s}{ext}").is_file() for ext in (".jsonl", ".tsv"))]
+        if missing:
+            raise CorpusError(f"{flag} {text}: this folder has no {' or '.join(f'{s}.jsonl' for s in missing)}; "
+                              f"expected {expected}")
+        return
+    if p.is_file():
+        if p.suffix not in (".jsonl", ".tsv"):
+            raise CorpusError(f"{flag} {text}: a {p.suffix or 'suffix-less'} file; expected {expected}")
+        if set(splits) - {"train"}:
+            raise CorpusError(f"{flag} {text}: a single file holds only a train split, and this run also needs "
+                              f"{', '.join(s for s in splits if s != 'train')}; give a folder with train.jsonl and "
+                              "valid.jsonl")
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if text.startswith(("/", ".", "~")) or (offline and ":" not in text) or Path(text.split("/")[0]).is_dir():
+        hint = (" (build the catalog corpus with: python scripts/build_corpus.py --out data/catalogs)"
+                if p.parts and p.parts[0] == "data" else "")
+        raise CorpusError(f"{flag} {text}: no such file or folder{hint}; expected {expected}")
+
+
 def check_split(path: str | Path, split: str, max_chars: int = MAX_CHARS) -> CheckResult:
     """Validate one split of a corpus given by folder, file, saved `datasets` folder, or hub name (`wmt19:zh-en`)."""
     text = str(path)

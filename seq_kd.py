@@ -31,11 +31,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
-
 import config as config_lib
 import data
 from model import beam_search
+from progress import Progress
 
 log = logging.getLogger("train_ds")
 
@@ -195,7 +194,7 @@ def teacher_translate(teacher, teacher_rows: torch.Tensor, builder: data.Example
     teacher forward is a collective (ZeRO-3 shards), so every rank calls this with its own share (possibly none),
     all ranks run the same number of batches (a rank out of work decodes `filler`) and the same number of steps
     per batch: all_done(local_done) -> bool says whether every rank is done (as in the student's generate).
-    progress: a tqdm bar to advance by the sources of each batch.
+    progress: a progress.Progress to advance by the sources of each batch.
     """
     chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
     count = torch.tensor([len(chunks)], device=device)
@@ -309,8 +308,9 @@ def teacher_targets(cfg: config_lib.Config, prepared, teacher, teacher_rows: tor
         if rank == 0:  # the header and what is cached already (a line cut by a crash is dropped)
             write_cache(path, header, cached, builder.tokenizer)
         # rank 0's share (sources), so the bar's rate is rank 0's sources/s: the whole pass runs world times that
-        progress = tqdm(total=sum(len(c) for c in chunks[::world]), desc="seq_kd: teacher translations (rank 0)",
-                        unit="src", dynamic_ncols=True, disable=rank != 0)
+        # in a log file, a line a minute: this pass can run for hours with nothing else to say
+        progress = Progress(sum(len(c) for c in chunks[::world]), "seq_kd: teacher translations (rank 0)", "src",
+                            log, every=60.0, shown=rank == 0)
         for first in range(0, len(chunks), ROUND_BATCHES * world):
             mine = [i for chunk in chunks[first:first + ROUND_BATCHES * world][rank::world] for i in chunk]
             made = teacher_translate(teacher, teacher_rows, builder, [examples[i] for i in mine],

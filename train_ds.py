@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import config as config_lib
 import data
 import seq_kd
 from kd_loss import LossParts, fused_distill_loss
+from progress import Progress, quiet_unless_terminal
 
 log = logging.getLogger("train_ds")
 
@@ -65,9 +67,68 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, config_lib.Config]:
                          "scripts/convert_checkpoint.sh), or nothing for the latest")
     try:
         cfg = config_lib.from_args(args, on_gpu=has_gpu())
-    except config_lib.ConfigError as exc:
-        parser.error(str(exc))
+    except config_lib.ConfigError as exc:  # one line: the usage text would bury it
+        parser.exit(2, f"train_ds.py: {exc} (train_ds.py --help lists every flag)\n")
     return args, cfg
+
+
+TEACHER_EXPECTED = ("a local Hugging Face causal-LM folder such as models/Qwen1.5-1.8B (config.json, tokenizer files, "
+                    "*.safetensors weights); nothing is downloaded")
+
+
+def check_teacher_folder(flag: str, path: str, trust_remote_code: bool) -> None:
+    """One ConfigError line unless `path` is a folder transformers can load a causal LM and its tokenizer from."""
+    folder = Path(path)
+    if not folder.exists():
+        raise config_lib.ConfigError(f"{flag} {path}: no such folder; expected {TEACHER_EXPECTED}")
+    if not folder.is_dir():
+        raise config_lib.ConfigError(f"{flag} {path}: a file, not a folder; expected {TEACHER_EXPECTED}")
+    if not (folder / "config.json").is_file():
+        raise config_lib.ConfigError(f"{flag} {path}: no config.json in this folder; expected {TEACHER_EXPECTED}")
+    try:
+        model_config = json.loads((folder / "config.json").read_text())
+    except ValueError as exc:
+        raise config_lib.ConfigError(f"{flag} {path}: config.json is not valid JSON ({exc})") from None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    model_type = model_config.get("model_type")
+    if model_type == "rk_student":
+        raise config_lib.ConfigError(f"{flag} {path}: a distilled student (rk_student), not a teacher; give the Qwen "
+                                     "folder it was distilled from (or the --stage sft output, RUN/final)")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and "auto_map" not in model_config:
+        raise config_lib.ConfigError(f"{flag} {path}: a {model_type or 'untyped'} model, which transformers cannot load "
+                                     "as a causal LM (AutoModelForCausalLM); expected a Qwen-family folder")
+    if not any(next(folder.glob(pattern), None) for pattern in ("*.safetensors", "*.bin", "*.safetensors.index.json")):
+        raise config_lib.ConfigError(f"{flag} {path}: no weights (*.safetensors) in this folder; expected "
+                                     f"{TEACHER_EXPECTED}")
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise config_lib.ConfigError(f"{flag} {path}: no tokenizer files (tokenizer.json); copy the ones the model was "
+                                     "published with into the folder")
+
+
+def check_paths(args: argparse.Namespace, cfg: config_lib.Config) -> None:
+    """Every path a run reads, checked before any process group, model or corpus loads (the mistakes newcomers make
+    first), each failing with one line that names the flag, the value and what was expected."""
+    if args.stage == "export":
+        if not args.ckpt:
+            raise config_lib.ConfigError("export: --ckpt RUN/checkpoints is required")
+        if not (Path(args.ckpt).parent / "run.json").is_file():
+            raise config_lib.ConfigError(f"--ckpt {args.ckpt}: not a run's checkpoints folder (no run.json beside it); "
+                                         "give RUN/checkpoints of a train_ds.py run")
+        return
+    check_teacher_folder("--teacher", cfg.train.teacher, cfg.train.trust_remote_code)
+    data.check_source("--data", cfg.data.path, ("valid",) if cfg.data.stream_window else ("train", "valid"))
+    for flag, path in (("--ds_config", cfg.train.ds_config), ("--train.teacher_ds_config", cfg.train.teacher_ds_config)):
+        if path != "auto" and not Path(path).is_file():
+            raise config_lib.ConfigError(f"{flag} {path}: no such file; expected a DeepSpeed JSON config such as "
+                                         "ds_configs/zero3.json")
+    if args.resume:
+        ckpt_dir = Path(cfg.train.out) / "checkpoints"
+        tag = args.resume
+        found = ((ckpt_dir / "latest").is_file() or (ckpt_dir / "latest_universal").is_file() if tag == "latest"
+                 else (ckpt_dir / tag).is_dir())
+        if not found:
+            raise config_lib.ConfigError(f"--resume {tag}: no such checkpoint in {ckpt_dir}; drop --resume to start "
+                                         "a new run, or give the --out of the run to continue")
 
 
 def has_gpu() -> bool:
@@ -152,6 +213,8 @@ def init_processes() -> None:
 
 
 def setup_logging(out: Path) -> None:
+    # DeepSpeed 0.19.8 calls collectives that torch 2.13 renamed, and torch warns on every call: one line per step
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
     level = logging.INFO if is_main() else logging.WARNING
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if is_main():
@@ -698,12 +761,8 @@ def fault(point: str, step: int) -> bool:
 def export_checkpoint(args: argparse.Namespace, cfg: config_lib.Config) -> None:
     """Consolidate ZeRO shards offline (one process, no GPU) into a Hugging Face folder."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    if not args.ckpt:
-        raise SystemExit("train_ds.py export: --ckpt RUN/checkpoints is required")
-    ckpt = Path(args.ckpt)
+    ckpt = Path(args.ckpt)  # checked by check_paths
     run = ckpt.parent
-    if not (run / "run.json").is_file():
-        raise SystemExit(f"train_ds.py export: {run}/run.json not found; --ckpt must be a run's checkpoints folder")
     stage = json.loads((run / "run.json").read_text())["stage"]
     saved = config_lib.from_json_file(run / "config.json")
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=args.tag)
@@ -895,7 +954,9 @@ def gpu_name(on_gpu: bool) -> str | None:
 # ----------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> None:
+    quiet_unless_terminal()
     args, cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    check_paths(args, cfg)
     if args.stage == "export":
         return export_checkpoint(args, cfg)
 
@@ -1047,8 +1108,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds, flushed_at = time.perf_counter() - flushed_at, time.perf_counter()
         for record_, row in zip(pending, (rows / world).tolist()):
             write_step(record_, row, seconds / len(pending))
-        if progress:
-            progress.set_postfix(loss=f"{row[0]:.3f}", kd=f"{row[1]:.3f}", ce=f"{row[2]:.3f}")
+        progress.set_postfix(loss=f"{row[0]:.3f}", kd=f"{row[1]:.3f}", ce=f"{row[2]:.3f}")
 
     def write_step(r: StepRecord, row: list[float], seconds: float) -> None:
         total, kd, ce, target, source, teacher, padded = row[:3] + [c * world for c in row[3:]]
@@ -1082,10 +1142,8 @@ def main(argv: list[str] | None = None) -> None:
                      ms["teacher"], ms["student"], eta)
 
     stream = micro_batches(batches_done)
-    progress = None
-    if is_main():
-        from tqdm import tqdm
-        progress = tqdm(total=total_steps, initial=step, desc=args.stage, unit="step", dynamic_ncols=True)
+    # in a file, no bar: the step log line says it all
+    progress = Progress(total_steps, args.stage, "step", shown=is_main(), initial=step)
     bad_steps, skipped_total, started, first_step = 0, 0, time.perf_counter(), step
     flushed_at, pending = started, []
     while step < total_steps:
@@ -1118,8 +1176,7 @@ def main(argv: list[str] | None = None) -> None:
         skipped_total += bool(skipped)
         pending.append(StepRecord(step, epoch, on_policy, micro, engine.get_lr()[0], engine.get_global_grad_norm(),
                                   timer, skipped, skipped_total))
-        if progress:
-            progress.update(1)
+        progress.update(1)
         if skipped and is_main():
             log.warning("skipped the update: %s (%d in a row, %d in all)", skipped, bad_steps, skipped_total)
         if bad_steps >= cfg.train.max_bad_steps:
@@ -1169,8 +1226,7 @@ def main(argv: list[str] | None = None) -> None:
         if last_step:
             break
 
-    if progress:
-        progress.close()
+    progress.close()
     if writer:
         writer.close()
     if is_main():

@@ -54,16 +54,13 @@ note "device $DEVICE, python $("$PY" -c 'import sys, torch; print(sys.version.sp
 
 CACHE=bench/.cache
 TEACHER=$CACHE/teacher-$TEACHER_SIZE  # where bench/train_step.py looks for it, so it is built once
-setup() {
-  mkdir -p "$CACHE"
-  if [ ! -f "$CACHE/catalogs/train.jsonl" ]; then
-    if [ -f data/catalogs/train.jsonl ]; then cp -r data/catalogs "$CACHE/catalogs"
-    else "$PY" scripts/build_corpus.py --gettext /usr/share/locale --out "$CACHE/catalogs"; fi
-  fi
-  [ -f "$TEACHER/config.json" ] || "$PY" scripts/make_tiny_teacher.py --corpus "$CACHE/catalogs" --out "$TEACHER" \
-    --size "$TEACHER_SIZE" --dtype bfloat16 --force
-}
-part setup "$LIMIT_SETUP" setup
+mkdir -p "$CACHE"
+if [ ! -f "$CACHE/catalogs/train.jsonl" ]; then
+  if [ -f data/catalogs/train.jsonl ]; then cp -r data/catalogs "$CACHE/catalogs"
+  else part corpus "$LIMIT_SETUP" "$PY" scripts/build_corpus.py --gettext /usr/share/locale --out "$CACHE/catalogs"; fi
+fi
+[ -f "$TEACHER/config.json" ] || part teacher "$LIMIT_SETUP" "$PY" scripts/make_tiny_teacher.py \
+  --corpus "$CACHE/catalogs" --out "$TEACHER" --size "$TEACHER_SIZE" --dtype bfloat16 --force
 
 RUN=$CACHE/gpu_check-distill
 rm -rf "$RUN"

@@ -211,7 +211,6 @@ def write_model_card(folder: str | Path, *, metrics: dict[str, dict] | None = No
     folder = Path(folder)
     card = folder / CARD
     card.write_text(render(folder, metrics or {}), encoding="utf-8")
-    log.info("wrote %s", card)
     return card
 
 
@@ -243,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             if result["direction"] in metrics:
                 raise ModelCardError(f"{path}: a second --eval for {result['direction']}; give one per direction")
             metrics[result["direction"]] = result
-        write_model_card(args.model, metrics=metrics)
+        log.info("wrote %s", write_model_card(args.model, metrics=metrics))
     except ModelCardError as exc:
         print(f"model_card: {exc}", file=sys.stderr)
         return 2

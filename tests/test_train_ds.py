@@ -2,9 +2,12 @@
 
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import data
@@ -214,3 +217,70 @@ def test_bf16_run_fine_tunes_distils_resumes_and_exports_float32(tiny_teacher, s
     student = StudentForTranslation.from_pretrained(final)
     assert {p.dtype for p in student.parameters()} == {torch.float32}
     assert len(Translator(final).translate(["打开文件", "保存"], "zh-en")) == 2
+
+
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def without_launcher() -> dict:
+    """The environment of `python train_ds.py ...` typed in a shell: no launcher variables."""
+    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+
+
+def test_every_path_is_checked_in_one_line_before_anything_loads(tiny_teacher, small_corpus, student_folder,
+                                                                 tmp_path, capsys):
+    import config as config_lib
+    import train_ds
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "vision").mkdir()
+    (tmp_path / "vision" / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "config.json").write_text((tiny_teacher / "config.json").read_text())
+    good = ["--teacher", str(tiny_teacher), "--data", str(small_corpus), "--out", str(tmp_path / "run")]
+    cases = [
+        (["--teacher", "/nonexistent"], "--teacher /nonexistent: no such folder; expected a local Hugging Face"),
+        (["--teacher", str(tmp_path / "a_file")], "a file, not a folder"),
+        (["--teacher", str(tmp_path / "empty")], "no config.json in this folder"),
+        (["--teacher", str(student_folder)], "a distilled student (rk_student), not a teacher"),
+        (["--teacher", str(tmp_path / "vision")], "a vit model, which transformers cannot load as a causal LM"),
+        (["--teacher", str(tmp_path / "no_weights")], "no weights (*.safetensors) in this folder"),
+        (["--data", "/nonexistent/corpus"], "--data /nonexistent/corpus: no such file or folder"),
+        (["--data", str(tmp_path / "empty")], "this folder has no train.jsonl or valid.jsonl"),
+        (["--data", str(small_corpus / "train.jsonl")], "a single file holds only a train split"),
+        (["--ds_config", "ds_configs/zero9.json"], "--ds_config ds_configs/zero9.json: no such file"),
+        (["--resume"], "--resume latest: no such checkpoint in"),
+        (["--stage", "export", "--ckpt", str(tmp_path / "empty")], "not a run's checkpoints folder"),
+    ]
+    for extra, message in cases:
+        args, cfg = train_ds.parse_args([*good, *extra])
+        with pytest.raises((config_lib.ConfigError, data.CorpusError), match=re.escape(message)):
+            train_ds.check_paths(args, cfg)
+    train_ds.check_paths(*train_ds.parse_args(good))  # the good ones pass
+    with pytest.raises(SystemExit):
+        train_ds.parse_args([*good, "--config", "/nonexistent.yaml"])
+    assert capsys.readouterr().err.startswith("train_ds.py: --config /nonexistent.yaml: no such file")
+
+    # as a user meets it: one line, before any process group starts, whether launched or not
+    result = subprocess.run([sys.executable, "train_ds.py", "--stage", "distill", "--teacher", "/nonexistent",
+                             "--data", str(small_corpus)], cwd=ROOT, env=without_launcher(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("train_ds.py: --teacher /nonexistent: no such folder")
+    assert "init_distributed" not in result.stdout + result.stderr
+
+
+def test_without_a_launcher_it_trains_as_one_process_and_its_log_file_has_no_bar_redraws(tiny_teacher, small_corpus,
+                                                                                          tmp_path):
+    """`python train_ds.py ...` (no launcher, as people debug) is a world of one rank; with its output going to a
+    file (CI, nohup, a scheduler) no progress bar is redrawn into it: the file reads as a log."""
+    run, log_file = tmp_path / "run", tmp_path / "out.log"
+    with log_file.open("w") as handle:
+        subprocess.run([sys.executable, "train_ds.py", *DISTILL, "--teacher", str(tiny_teacher), "--data",
+                        str(small_corpus), "--out", str(run), "--max_steps", "3", "--eval_every", "3", "--seq_kd"],
+                       cwd=ROOT, env=without_launcher(), stdout=handle, stderr=subprocess.STDOUT, timeout=600,
+                       check=True)
+    text = log_file.read_text()
+    assert "1 rank(s) on cpu" in text and "teacher translations in" in text and (run / "final").is_dir()
+    assert "\r" not in text and "it/s]" not in text and "src/s]" not in text and "Warning" not in text
+    assert len(text.splitlines()) < 20, text
