@@ -33,7 +33,11 @@ N_PARITY, N_CALIB, N_EVAL = 12, 6, 3
 
 
 def make_student(folder: Path, teacher_dir: Path, pairs: list[data.Pair], kind: str, seed: int = 0) -> Path:
-    """A randomly initialised student folder as train_ds.py exports one: weights, tokenizer, vocabulary map."""
+    """A randomly initialised student folder as train_ds.py exports one: weights, tokenizer, vocabulary map.
+
+    Its matrices are drawn wider than the model's own init (as conftest's student_folder): at that init every step
+    re-emits one token whatever the source, and a decode that never varies would prove little about the loops that
+    run it."""
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     teacher_vocab = json.loads((teacher_dir / "config.json").read_text())["vocab_size"]
     vocab = data.build_vocab_map(tokenizer, [p.zh for p in pairs] + [p.en for p in pairs], VOCAB, teacher_vocab)
@@ -42,7 +46,12 @@ def make_student(folder: Path, teacher_dir: Path, pairs: list[data.Pair], kind: 
                            ffn_dim=64, decoder=kind, max_source_len=SRC_LEN, max_target_len=TGT_LEN,
                            pad_token_id=builder.pad_id, bos_token_id=builder.bos_id, eos_token_id=builder.eos_id)
     torch.manual_seed(seed)
-    StudentForTranslation(config).save_pretrained(folder)
+    student = StudentForTranslation(config)
+    with torch.no_grad():
+        for name, weight in student.named_parameters():
+            if weight.dim() == 2 and "embed" not in name:
+                weight.normal_(std=0.5)
+    student.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     vocab.save(folder)
     return folder
