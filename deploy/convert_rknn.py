@@ -14,7 +14,8 @@ between the encoder and the decoder (the decoder usually has several steps per s
 
 Output: OUT/<precision>/{encoder,decoder}.rknn, OUT/<precision>/<graph>.build.log (the toolkit's own chatter),
 and OUT/rknn_report.json: per precision and graph the file size, build seconds, per-output cosine/max-abs-diff of the
-simulator against onnxruntime, ops the toolkit placed on the CPU, the in/out tensors whose dtype the build changed
+simulator against onnxruntime, where the toolkit placed each op (NPU or CPU, counted by op type) and which ops went to
+the CPU, the in/out tensors whose dtype the build changed
 from float32 (what the board runtime will see; empty for fp16, whose I/O the runtime converts itself),
 and, where an output's cosine falls below --analysis_cos_thresh (0.99), the worst layers from accuracy_analysis
 on the eval sample with the lowest cosine.
@@ -337,15 +338,21 @@ _TABLE_ROW = re.compile(r"^D RKNN: \[[^\]]*\]\s+\d+\s+(?P<op>\S+)\s+\S+\s+(?P<ta
 
 
 def parse_build_log(text: str) -> dict[str, Any]:
-    """From a verbose build log: ops placed on the CPU ('OpType:name'), I/O tensors whose dtype the build changed
+    """From a verbose build log: where the toolkit placed each op (target -> op type -> count, from its "Network
+    Layer Information Table"), the ops on the CPU ('OpType:name'), I/O tensors whose dtype the build changed
     (name -> new dtype), and the tensors auto-hybrid kept in float16."""
     text = _ANSI.sub("", text)
-    cpu_ops = set()
+    cpu_ops, placement = set(), {}
     for line in text.splitlines():
         row = _TABLE_ROW.match(line)
-        if row and row["target"] == "CPU" and row["op"] not in ("InputOperator", "OutputOperator"):
+        if not row or row["op"] in ("InputOperator", "OutputOperator"):
+            continue
+        counts = placement.setdefault(row["target"], {})
+        counts[row["op"]] = counts.get(row["op"], 0) + 1
+        if row["target"] == "CPU":
             cpu_ops.add(row["last"] if ":" in row["last"] else row["op"])
-    return {"cpu_ops": sorted(cpu_ops), "io_dtypes": {m[2]: m[3] for m in _DTYPE_CHANGE.finditer(text)},
+    return {"cpu_ops": sorted(cpu_ops), "placement": placement,
+            "io_dtypes": {m[2]: m[3] for m in _DTYPE_CHANGE.finditer(text)},
             "hybrid_fp16_tensors": sorted(set(_HYBRID_FP16.findall(text)))}
 
 
