@@ -210,8 +210,9 @@ def readme(meta: DeployMeta, precision: str, files: dict[str, int], npu: dict[st
     return f"""# rk-distill on the RV1126B
 
 A {meta.parameters:,}-parameter zh<->en student ({meta.decoder} decoder), {precision} on the NPU.
-Runner: {runner_note}. The newest C library it asks for: {glibc} (read from its ELF's version needs when this
-folder was made; the board's glibc must be that or newer).
+Runner: {runner_note}.
+The newest C library it asks for: {glibc} (read from its ELF's version needs when this folder was made; the
+board's glibc must be that or newer).
 
 | file | size |
 |---|---|
