@@ -131,7 +131,8 @@ def measure(preset: str, runner: Path, work: Path, runs: int) -> list[dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", default=",".join(PRESETS), help="comma-separated (default: tiny,balanced,bergamot)")
+    parser.add_argument("--presets", default=",".join(PRESETS),
+                        help="comma-separated presets (default: tiny,balanced,bergamot)")
     parser.add_argument("--runs", type=int, default=20, help="translations timed per preset and I/O (default 20)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/runner_host-cpu.json)")
     args = parser.parse_args()

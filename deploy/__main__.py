@@ -252,8 +252,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_source_len", type=int, default=0,
                         help="static source length of the graphs (default 0: the model's max_source_len)")
     parser.add_argument("--runner", type=Path, default=None,
-                        help="a prebuilt aarch64 rk_translate (default: build it with CMake and zig, or CROSS_COMPILE's "
-                             "gcc; see deploy/package.py)")
+                        help="a prebuilt aarch64 rk_translate (default: build it with CMake and zig, or "
+                             "CROSS_COMPILE's gcc; see deploy/package.py)")
     parser.add_argument("--rknn_sdk", type=Path, default=None,
                         help="Rockchip RKNN runtime folder (rknn_api.h, aarch64 librknnrt.so) to link the runner "
                              "against (default: none; the runner loads the board's librknnrt.so at run time)")

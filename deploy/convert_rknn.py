@@ -21,8 +21,8 @@ and, where an output's cosine falls below --analysis_cos_thresh (0.99), the wors
 on the eval sample with the lowest cosine.
 
 Board-side facts found here: 4-D inputs (cross-attention keys/values, the transformer's caches) are NCHW in the
-npz and in `inference` (the toolkit assumes NHWC unless told), and quantized builds change the model's I/O dtypes (int8 for w8a8, float16 for
-w4a16): see `io_dtypes` in the report.
+npz and in `inference` (the toolkit assumes NHWC unless told), and quantized builds change the model's I/O dtypes
+(int8 for w8a8, float16 for w4a16): see `io_dtypes` in the report.
 """
 from __future__ import annotations
 

@@ -71,7 +71,8 @@ class DecoderGraph(nn.Module):
         super().__init__()
         self.student = student
 
-    def forward(self, tok_embeds: torch.Tensor, src_mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, tok_embeds: torch.Tensor, src_mask: torch.Tensor,
+                *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.student.static_step(tok_embeds, src_mask, *tensors)
 
 

@@ -145,7 +145,8 @@ def build_runner(build_dir: Path, rknn_sdk: Path | None) -> Path:
     """rk_translate for aarch64 with CMake: zig's C compiler against glibc 2.17 by default, CROSS_COMPILE's gcc when
     that is set (a board SDK's toolchain). rknn_sdk: link Rockchip's librknnrt.so instead of loading it at run time."""
     if shutil.which("cmake") is None:
-        raise PackageError("cmake not found: install it (apt install cmake) or pass --runner PATH_TO_AARCH64_rk_translate")
+        raise PackageError("cmake not found: install it (apt install cmake) or pass --runner "
+                           "PATH_TO_AARCH64_rk_translate")
     env = {**os.environ, "RKT_PYTHON": sys.executable}
     if os.environ.get("CROSS_COMPILE"):
         compiler = f"{os.environ['CROSS_COMPILE']}gcc"

@@ -53,8 +53,8 @@ int rkt_rknn_api_open(rkt_rknn_api *api)
     struct stat st;
     memset(api, 0, sizeof *api);
     if (folder && *folder) {
-        snprintf(api->library, sizeof api->library, stat(folder, &st) == 0 && S_ISDIR(st.st_mode) ? "%s/" LIBRARY : "%s",
-                 folder);
+        int is_folder = stat(folder, &st) == 0 && S_ISDIR(st.st_mode);
+        snprintf(api->library, sizeof api->library, is_folder ? "%s/" LIBRARY : "%s", folder);
         api->handle = dlopen(api->library, RTLD_NOW | RTLD_LOCAL);
     } else {
         const char *const places[] = {LIBRARY, "/oem/usr/lib/" LIBRARY};

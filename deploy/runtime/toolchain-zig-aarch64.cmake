@@ -3,6 +3,7 @@
 #   cmake -S deploy/runtime -B build/aarch64 -DCMAKE_TOOLCHAIN_FILE=deploy/runtime/toolchain-zig-aarch64.cmake
 # Environment: RKT_PYTHON, the interpreter that has the wheel (default python3); RKT_ZIG_TARGET, zig's target
 # (default aarch64-linux-gnu.2.17). For the board SDK's own gcc use toolchain-aarch64.cmake with CROSS_COMPILE.
+# Tested with CMake 3.25 (the compiler is zig given with its `cc` argument).
 set(CMAKE_SYSTEM_NAME Linux)
 set(CMAKE_SYSTEM_PROCESSOR aarch64)
 if(DEFINED ENV{RKT_PYTHON})
@@ -15,7 +16,8 @@ if(DEFINED ENV{RKT_ZIG_TARGET})
 else()
   set(RKT_ZIG_TARGET aarch64-linux-gnu.2.17)
 endif()
-execute_process(COMMAND "${RKT_PYTHON}" -c "import os, ziglang; print(os.path.join(os.path.dirname(ziglang.__file__), 'zig'))"
+execute_process(COMMAND "${RKT_PYTHON}" -c
+                        "import os, ziglang; print(os.path.join(os.path.dirname(ziglang.__file__), 'zig'))"
                 OUTPUT_VARIABLE RKT_ZIG OUTPUT_STRIP_TRAILING_WHITESPACE RESULT_VARIABLE RKT_ZIG_FOUND ERROR_QUIET)
 if(NOT RKT_ZIG_FOUND EQUAL 0 OR NOT EXISTS "${RKT_ZIG}")
   message(FATAL_ERROR "zig not found through ${RKT_PYTHON}: pip install ziglang==0.17.0 (requirements.txt), or set "

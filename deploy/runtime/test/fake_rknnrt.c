@@ -97,7 +97,8 @@ static const struct {
     {"n_elems", offsetof(rknn_tensor_attr, n_elems)},   {"size", offsetof(rknn_tensor_attr, size)},
     {"fmt", offsetof(rknn_tensor_attr, fmt)},           {"type", offsetof(rknn_tensor_attr, type)},
     {"qnt_type", offsetof(rknn_tensor_attr, qnt_type)}, {"zp", offsetof(rknn_tensor_attr, zp)},
-    {"w_stride", offsetof(rknn_tensor_attr, w_stride)}, {"size_with_stride", offsetof(rknn_tensor_attr, size_with_stride)},
+    {"w_stride", offsetof(rknn_tensor_attr, w_stride)},
+    {"size_with_stride", offsetof(rknn_tensor_attr, size_with_stride)},
 };
 typedef char enums_are_4_bytes[sizeof(rknn_tensor_format) == 4 && sizeof(rknn_tensor_type) == 4 &&
                                sizeof(rknn_tensor_qnt_type) == 4 ? 1 : -1];
@@ -346,8 +347,9 @@ int rknn_init(rknn_context *context_out, void *model, uint32_t size, uint32_t fl
     fclose(probe);
     if (rkt_read_file((const char *)model, &data, &n))
         return RKNN_ERR_PARAM_INVALID;
-    if (n < 17 || memcmp(data, "RKFAKE2\0", 8) != 0 || (path_len = strnlen((const char *)data + 16, n - 16)) == n - 16 ||
-        path_len >= sizeof recording_path || read_specs(data, n, 16 + path_len + 1, specs, &n_specs)) {
+    path_len = n > 16 ? strnlen((const char *)data + 16, n - 16) : 0;
+    if (n < 17 || memcmp(data, "RKFAKE2\0", 8) != 0 || path_len == n - 16 || path_len >= sizeof recording_path ||
+        read_specs(data, n, 16 + path_len + 1, specs, &n_specs)) {
         free(data);
         return RKNN_ERR_MODEL_INVALID;
     }
