@@ -5,7 +5,8 @@ KV cache) or `recurrent` (SSRU layers: a gated linear recurrence with a fixed-si
 decoder step on an NPU, as in Mozilla's on-device students). Token embeddings are tied to the output layer;
 a learned direction embedding (zh-en / en-zh) and fixed sinusoidal positions are added to every input.
 
-`static_step` is the decoder step with static shapes that deploy/ exports to ONNX (docs/CONTRACTS.md).
+`static_encode` and `static_step` are the encoder (ending in the decoder's cross-attention keys and values) and the
+decoder step with static shapes that deploy/ exports to ONNX (docs/CONTRACTS.md).
 
     python model.py --preset tiny      # parameter counts per preset
 """
@@ -387,44 +388,74 @@ class StudentForTranslation(PreTrainedModel):
             return tuple(s[index] for s in state)
         return state[index]
 
-    # ------------------------------------------------------------------ static step for export
+    # ------------------------------------------------------------------ static graphs for export
 
-    def static_step(self, tok_embeds: torch.Tensor, enc_out: torch.Tensor, src_mask_bias: torch.Tensor,
-                    *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """One decoder step with static shapes, batch 1 (docs/CONTRACTS.md).
+    def static_encode(self, src_embeds: torch.Tensor, src_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The encoder graph, batch 1 (docs/CONTRACTS.md): src_embeds [1, S, D], src_mask [1, S] (1 real, 0 padding)
+        -> every decoder layer's cross-attention keys and values, (k_0, v_0, k_1, v_1, ...) each [1, H, S, hd].
 
-        recurrent:   state = (state [L, 1, D],)                     -> (logits [1, V], new_state)
-        transformer: state = (cache_k, cache_v [L, H, Tc, hd], cache_mask_bias [1, Tc])
-                                                                     -> (logits, new_cache_k, new_cache_v)
+        The decoder step takes them as inputs, so they are computed once per sentence, not once per token.
         """
-        x = tok_embeds
-        bias = src_mask_bias[:, None, None, :]
-        outputs = []
+        memory = self.encode_embeds(src_embeds, static_mask_bias(src_mask))
+        return tuple(t for layer in self.decoder for t in layer.memory_kv(memory))
+
+    def static_step(self, tok_embeds: torch.Tensor, src_mask: torch.Tensor,
+                    *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One decoder step with static shapes, batch 1 (docs/CONTRACTS.md). tensors, L = decoder layers:
+
+        cross_k_0, cross_v_0, ... (2L, static_encode's outputs), then
+          recurrent:   state_0, ... [1, D] (L)                       -> (logits [1, V], new_state_0, ...)
+          transformer: self_mask [1, Tc] (1 on the last t+1 positions at step t), then self_k_0, self_v_0, ...
+                       [1, H, Tc-1, hd] (2L: the previous positions, oldest first)
+                                                                      -> (logits, step_k_0, step_v_0, ... [1, H, 1, hd])
+        A transformer step attends over its cache and its own key/value (appended last) and returns only the latter;
+        the caller drops the oldest cached position and appends them. Every per-layer tensor is its own input, and
+        reshapes stand in for index selects: an integer index would export as a scalar-index Gather.
+        """
+        n_layers = len(self.decoder)
+        cross, rest = tensors[:2 * n_layers], tensors[2 * n_layers:]
+        width = self.config.d_model
+        src_bias = static_mask_bias(src_mask)[:, None, None, :]
+        self_bias = None if self.config.decoder == "recurrent" else static_mask_bias(rest[0])[:, None, None, :]
+        x, outputs = tok_embeds, []
         for index, layer in enumerate(self.decoder):
             h = layer.norm1(x)
             if layer.recurrent:
-                mixed, new = layer.ssru.step(h[:, 0], state[0][index])
-                mixed = mixed[:, None]
-                outputs.append(new)
+                mixed, new_state = layer.ssru.step(h.reshape(1, width), rest[index])
+                mixed = mixed.reshape(1, 1, width)
+                outputs.append(new_state)
             else:
                 attn = layer.self_attn
-                cache_k, cache_v, cache_bias = state
-                k = torch.cat([cache_k[index][None, :, 1:], attn.split(attn.k(h))], dim=2)
-                v = torch.cat([cache_v[index][None, :, 1:], attn.split(attn.v(h))], dim=2)
-                mixed = attn.attend(attn.split(attn.q(h)), k, v, cache_bias[:, None, None, :])
-                outputs.append((k[0], v[0]))
-            x = layer.finish(x, mixed, layer.memory_kv(enc_out), bias)
-        logits = self.output_logits(self.decoder_norm(x))[:, 0]
-        if self.config.decoder == "recurrent":
-            return logits, torch.stack(outputs)
-        return logits, torch.stack([k for k, _ in outputs]), torch.stack([v for _, v in outputs])
+                key, value = attn.split(attn.k(h)), attn.split(attn.v(h))
+                past_k, past_v = rest[1 + 2 * index], rest[2 + 2 * index]
+                keys, values = torch.cat([past_k, key], dim=2), torch.cat([past_v, value], dim=2)
+                mixed = attn.attend(attn.split(attn.q(h)), keys, values, self_bias)
+                outputs += [key, value]
+            x = layer.finish(x, mixed, (cross[2 * index], cross[2 * index + 1]), src_bias)
+        return (self.output_logits(self.decoder_norm(x)).reshape(1, self.config.vocab_size), *outputs)
 
     def initial_static_state(self) -> tuple[torch.Tensor, ...]:
+        """static_step's carried inputs before step 0: zero states, or the fully masked mask and zero caches."""
         cfg = self.config
         if cfg.decoder == "recurrent":
-            return (torch.zeros(cfg.decoder_layers, 1, cfg.d_model),)
-        shape = (cfg.decoder_layers, cfg.n_heads, cfg.max_target_len, cfg.d_model // cfg.n_heads)
-        return torch.zeros(shape), torch.zeros(shape), torch.full((1, cfg.max_target_len), MASK_BIAS)
+            return tuple(torch.zeros(1, cfg.d_model) for _ in range(cfg.decoder_layers))
+        cache = (1, cfg.n_heads, cfg.max_target_len - 1, cfg.d_model // cfg.n_heads)
+        return (torch.zeros(1, cfg.max_target_len), *(torch.zeros(cache) for _ in range(2 * cfg.decoder_layers)))
+
+
+# Masked positions' bias inside the exported graphs. Not MASK_BIAS: rknn-toolkit2's int8 exSDPAttention quantizes
+# the scores with the mask per tensor, and a -1e4 range leaves the scores no resolution (the tests' students on rv1126b
+# w8a8: encoder output cosine 0.46 with -1e4, 0.99 with -50). exp(-50) ~ 2e-22 still removes a masked position in
+# float32 and float16, so onnxruntime matches torch's -1e4 to 1e-5.
+STATIC_MASK_BIAS = -50.0
+
+
+def static_mask_bias(mask: torch.Tensor) -> torch.Tensor:
+    """A 0/1 mask input of the exported graphs (1 = attend) as an additive bias: 0 or STATIC_MASK_BIAS.
+
+    The graphs take 0/1 masks rather than biases because an int8 input holds 0 and 1 exactly, whatever its
+    scale; the bias is made inside, in the graph's own precision."""
+    return (1.0 - mask) * STATIC_MASK_BIAS
 
 
 AutoConfig.register(StudentConfig.model_type, StudentConfig)

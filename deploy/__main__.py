@@ -193,8 +193,9 @@ def file_sizes(dist: Dist) -> dict[str, int]:
 
 
 def rknn_summary(rknn_report: dict) -> dict[str, dict]:
-    """Per precision and graph: size, build time, per-output cosine and diff, CPU fallbacks, I/O dtypes."""
-    keep = ("size_bytes", "build_seconds", "outputs", "cpu_ops", "io_dtypes", "worst_layers")
+    """Per precision and graph: size, build time, per-output cosine and diff, op placement and CPU fallbacks,
+    I/O dtypes."""
+    keep = ("size_bytes", "build_seconds", "outputs", "cpu_ops", "placement", "io_dtypes", "worst_layers")
     return {p: {g: {k: info[k] for k in keep} for g, info in graphs.items()}
             for p, graphs in rknn_report["precisions"].items()}
 
@@ -251,10 +252,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_source_len", type=int, default=0,
                         help="static source length of the graphs (default 0: the model's max_source_len)")
     parser.add_argument("--runner", type=Path, default=None,
-                        help="a prebuilt aarch64 rk_translate (default: build it with CMake and the cross compiler)")
+                        help="a prebuilt aarch64 rk_translate (default: build it with CMake and zig, or "
+                             "CROSS_COMPILE's gcc; see deploy/package.py)")
     parser.add_argument("--rknn_sdk", type=Path, default=None,
-                        help="Rockchip RKNN runtime folder (rknn_api.h, aarch64 librknnrt.so) for the runner's NPU "
-                             "backend (default: none; the runner is then built without it, see deploy/package.py)")
+                        help="Rockchip RKNN runtime folder (rknn_api.h, aarch64 librknnrt.so) to link the runner "
+                             "against (default: none; the runner loads the board's librknnrt.so at run time)")
     parser.add_argument("--rknn_python", type=Path, default=backends.default_rknn_python(),
                         help="the RKNN venv's python (default .venv-rknn/bin/python; created when missing)")
     return parser.parse_args(argv)

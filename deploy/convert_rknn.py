@@ -7,21 +7,22 @@ onnxruntime and rknn-toolkit2, never the training code.
         --eval DIST/onnx/eval.npz --precision w8a8,fp16 --out DIST/rknn
 
 Calibration / eval file (.npz, written by the exporter): one array per graph input, named `<graph>/<input>`
-(`encoder/src_embeds`, `decoder/state`, ...), float32, shaped [N, *input_shape] where input_shape is the ONNX
+(`encoder/src_embeds`, `decoder/state_0`, ...), float32, shaped [N, *input_shape] where input_shape is the ONNX
 input's static shape (docs/CONTRACTS.md). Sample i of a graph is the i-th row of every one of its arrays; N may differ
 between the encoder and the decoder (the decoder usually has several steps per sentence). Realistic decoder rows
 (states/caches produced by earlier steps, masks as the runner shifts them) calibrate far better than noise.
 
 Output: OUT/<precision>/{encoder,decoder}.rknn, OUT/<precision>/<graph>.build.log (the toolkit's own chatter),
 and OUT/rknn_report.json: per precision and graph the file size, build seconds, per-output cosine/max-abs-diff of the
-simulator against onnxruntime, ops the toolkit placed on the CPU, the in/out tensors whose dtype the build changed
+simulator against onnxruntime, where the toolkit placed each op (NPU or CPU, counted by op type) and which ops went to
+the CPU, the in/out tensors whose dtype the build changed
 from float32 (what the board runtime will see; empty for fp16, whose I/O the runtime converts itself),
 and, where an output's cosine falls below --analysis_cos_thresh (0.99), the worst layers from accuracy_analysis
 on the eval sample with the lowest cosine.
 
-Board-side facts found here: 4-D inputs (the transformer cache) are NCHW in the npz and in `inference` (the
-toolkit assumes NHWC unless told), and quantized builds change the model's I/O dtypes (int8 for w8a8, float16 for
-w4a16): see `io_dtypes` in the report.
+Board-side facts found here: 4-D inputs (cross-attention keys/values, the transformer's caches) are NCHW in the
+npz and in `inference` (the toolkit assumes NHWC unless told), and quantized builds change the model's I/O dtypes
+(int8 for w8a8, float16 for w4a16): see `io_dtypes` in the report.
 """
 from __future__ import annotations
 
@@ -337,15 +338,21 @@ _TABLE_ROW = re.compile(r"^D RKNN: \[[^\]]*\]\s+\d+\s+(?P<op>\S+)\s+\S+\s+(?P<ta
 
 
 def parse_build_log(text: str) -> dict[str, Any]:
-    """From a verbose build log: ops placed on the CPU ('OpType:name'), I/O tensors whose dtype the build changed
+    """From a verbose build log: where the toolkit placed each op (target -> op type -> count, from its "Network
+    Layer Information Table"), the ops on the CPU ('OpType:name'), I/O tensors whose dtype the build changed
     (name -> new dtype), and the tensors auto-hybrid kept in float16."""
     text = _ANSI.sub("", text)
-    cpu_ops = set()
+    cpu_ops, placement = set(), {}
     for line in text.splitlines():
         row = _TABLE_ROW.match(line)
-        if row and row["target"] == "CPU" and row["op"] not in ("InputOperator", "OutputOperator"):
+        if not row or row["op"] in ("InputOperator", "OutputOperator"):
+            continue
+        counts = placement.setdefault(row["target"], {})
+        counts[row["op"]] = counts.get(row["op"], 0) + 1
+        if row["target"] == "CPU":
             cpu_ops.add(row["last"] if ":" in row["last"] else row["op"])
-    return {"cpu_ops": sorted(cpu_ops), "io_dtypes": {m[2]: m[3] for m in _DTYPE_CHANGE.finditer(text)},
+    return {"cpu_ops": sorted(cpu_ops), "placement": placement,
+            "io_dtypes": {m[2]: m[3] for m in _DTYPE_CHANGE.finditer(text)},
             "hybrid_fp16_tensors": sorted(set(_HYBRID_FP16.findall(text)))}
 
 
@@ -355,8 +362,8 @@ class SimulatedModel:
     For a greedy-decoding evaluation in the simulator:
 
         with SimulatedModel(onnx_dir, BuildOptions("w8a8"), calib_npz, work_dir) as model:
-            enc_out = model.run("encoder", {"src_embeds": x, "src_mask_bias": m})["enc_out"]
-            out = model.run("decoder", {"tok_embeds": e, "enc_out": enc_out, "src_mask_bias": m, "state": s})
+            cross = model.run("encoder", {"src_embeds": x, "src_mask": m})  # cross_k_0, cross_v_0, ...
+            out = model.run("decoder", {"tok_embeds": e, "src_mask": m, **cross, "state_0": s0, "state_1": s1})
 
     Feeds are float32 arrays with the ONNX input shapes (no sample axis); results are float32 with the ONNX output
     shapes. `export_dir` also writes <export_dir>/{encoder,decoder}.rknn; toolkit logs go to

@@ -4,7 +4,8 @@
         [--calib data/catalogs/valid.jsonl] [--test data/catalogs/test.jsonl]
 
 Writes into OUT (= DIST/onnx):
-  encoder.onnx, decoder.onnx   the encoder and one decoder step (static shapes, batch 1, float32 I/O)
+  encoder.onnx, decoder.onnx   the encoder (ending in each decoder layer's cross-attention keys and values) and one
+                               decoder step (static shapes, batch 1, float32 I/O, 0/1 masks)
   embed.bin, meta.json         CPU-side embedding tables and the shapes/ids the graphs were exported with
   parity.json                  onnxruntime vs torch: max |logit diff| step by step (state carried) and greedy
                                translations of --n_parity test sentences against model.generate
@@ -33,7 +34,7 @@ from torch import nn
 import data
 from config import DIRECTIONS
 from inference import backends
-from inference.backends import DeployMeta, Dist, EmbedTables, LoopDecoder, OnnxStepModel, State
+from inference.backends import DeployMeta, Dist, EmbedTables, Feeds, LoopDecoder, OnnxStepModel, contract_io
 from model import StudentForTranslation
 
 log = logging.getLogger("deploy.export_onnx")
@@ -53,14 +54,14 @@ class ExportError(RuntimeError):
 
 
 class EncoderGraph(nn.Module):
-    """(src_embeds [1,S,D], src_mask_bias [1,S]) -> enc_out [1,S,D]."""
+    """(src_embeds [1,S,D], src_mask [1,S]) -> cross_k_0, cross_v_0, ...: StudentForTranslation.static_encode."""
 
     def __init__(self, student: StudentForTranslation) -> None:
         super().__init__()
         self.student = student
 
-    def forward(self, src_embeds: torch.Tensor, src_mask_bias: torch.Tensor) -> torch.Tensor:
-        return self.student.encode_embeds(src_embeds, src_mask_bias)
+    def forward(self, src_embeds: torch.Tensor, src_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.student.static_encode(src_embeds, src_mask)
 
 
 class DecoderGraph(nn.Module):
@@ -70,23 +71,9 @@ class DecoderGraph(nn.Module):
         super().__init__()
         self.student = student
 
-    def forward(self, tok_embeds: torch.Tensor, enc_out: torch.Tensor, src_mask_bias: torch.Tensor,
-                *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.student.static_step(tok_embeds, enc_out, src_mask_bias, *state)
-
-
-def contract_io(meta: DeployMeta) -> dict[str, tuple[dict[str, list[int]], dict[str, list[int]]]]:
-    """Per graph, (inputs, outputs) name -> static shape, in the order docs/CONTRACTS.md lists them."""
-    S, D, L = meta.S, meta.D, meta.L
-    encoder = ({"src_embeds": [1, S, D], "src_mask_bias": [1, S]}, {"enc_out": [1, S, D]})
-    common = {"tok_embeds": [1, 1, D], "enc_out": [1, S, D], "src_mask_bias": [1, S]}
-    if meta.decoder == "recurrent":
-        decoder = ({**common, "state": [L, 1, D]}, {"logits": [1, meta.V], "new_state": [L, 1, D]})
-    else:
-        cache = [L, meta.H, meta.Tc, D // meta.H]
-        decoder = ({**common, "cache_k": cache, "cache_v": cache, "cache_mask_bias": [1, meta.Tc]},
-                   {"logits": [1, meta.V], "new_cache_k": cache, "new_cache_v": cache})
-    return {"encoder": encoder, "decoder": decoder}
+    def forward(self, tok_embeds: torch.Tensor, src_mask: torch.Tensor,
+                *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.student.static_step(tok_embeds, src_mask, *tensors)
 
 
 def export_graph(module: nn.Module, inputs: dict[str, list[int]], outputs: Sequence[str], path: Path,
@@ -111,17 +98,36 @@ def all_op_types(graph) -> set[str]:
     return ops
 
 
+def scalar_index_gathers(model) -> list[str]:
+    """Gather nodes whose indices are a scalar: RV1126B's Gather takes rank-1 indices only (an integer index in
+    torch exports as one)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*inferred.input, *inferred.value_info]}
+    ranks.update({t.name: len(t.dims) for t in inferred.initializer})
+    for node in inferred.node:
+        if node.op_type == "Constant":
+            ranks.update({node.output[0]: len(a.t.dims) for a in node.attribute if a.name == "value"})
+    return [node.name for node in inferred.node if node.op_type == "Gather" and ranks.get(node.input[1]) == 0]
+
+
 def check_graph(path: Path, inputs: dict[str, list[int]], outputs: dict[str, list[int]]) -> None:
     """The exported file has the contract's I/O (names, static shapes) and no op the NPU toolkit rejects."""
     import onnx
 
-    graph = onnx.load(str(path)).graph
+    model = onnx.load(str(path))
+    graph = model.graph
     forbidden = sorted(all_op_types(graph) & FORBIDDEN_OPS)
     if forbidden:
         raise ExportError(f"{path.name} contains {', '.join(forbidden)}, which rknn-toolkit2 cannot convert; "
-                          "rewrite that part of model.py (static_step / encode_embeds) without it")
+                          "rewrite that part of model.py (static_step / static_encode) without it")
+    gathers = scalar_index_gathers(model)
+    if gathers:
+        raise ExportError(f"{path.name} has scalar-index Gather nodes ({', '.join(gathers[:3])}), which RV1126B "
+                          "does not take; index with a slice or a reshape in model.py (static_step / static_encode)")
     found = [(v.name, [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in [*graph.input, *graph.output]]
-    expected = [*inputs.items(), *outputs.items()]  # in order: the board runner binds tensors by index
+    expected = [*inputs.items(), *outputs.items()]  # in the contract's order, which the npz rows follow
     if found != expected:
         raise ExportError(f"{path.name} has I/O {found}, docs/CONTRACTS.md expects {expected}")
 
@@ -152,80 +158,64 @@ def embed_tables(student: StudentForTranslation) -> EmbedTables:
 class TorchStepModel:
     """The exported modules themselves, run by torch: the reference the ONNX graphs must match."""
 
-    def __init__(self, student: StudentForTranslation, state_names: Sequence[str],
-                 output_names: Sequence[str]) -> None:
-        self.encoder, self.decoder = EncoderGraph(student), DecoderGraph(student)
-        self.state_names, self.output_names = list(state_names), list(output_names)
+    def __init__(self, student: StudentForTranslation, io: dict[str, tuple[dict, dict]]) -> None:
+        self.graphs = {"encoder": EncoderGraph(student), "decoder": DecoderGraph(student)}
+        self.io = io
 
     @torch.no_grad()
-    def run_encoder(self, embeds: np.ndarray, mask_bias: np.ndarray) -> np.ndarray:
-        return self.encoder(torch.from_numpy(embeds), torch.from_numpy(mask_bias)).numpy()
+    def _run(self, graph: str, feeds: Feeds) -> Feeds:
+        inputs, outputs = self.io[graph]
+        results = self.graphs[graph](*(torch.from_numpy(feeds[name]) for name in inputs))
+        return {name: tensor.numpy() for name, tensor in zip(outputs, results)}
 
-    @torch.no_grad()
-    def run_decoder(self, tok_embeds: np.ndarray, enc_out: np.ndarray, mask_bias: np.ndarray,
-                    state: State) -> tuple[np.ndarray, State]:
-        args = [tok_embeds, enc_out, mask_bias, *(state[name] for name in self.state_names)]
-        outputs = dict(zip(self.output_names, (t.numpy() for t in self.decoder(*map(torch.from_numpy, args)))))
-        return outputs["logits"], backends.next_state(state, outputs)
+    def run_encoder(self, feeds: Feeds) -> Feeds:
+        return self._run("encoder", feeds)
+
+    def run_decoder(self, feeds: Feeds) -> Feeds:
+        return self._run("decoder", feeds)
 
 
 @dataclass
 class ParityProbe:
     """Runs a reference and a candidate StepModel on identical inputs and carries the candidate's state, so the
-    differences seen are those the deployed loop accumulates; records the largest |diff| per output."""
+    differences seen are those the deployed loop accumulates; records the largest |diff| of the encoder's outputs
+    and of the logits."""
 
     reference: backends.StepModel
     candidate: backends.StepModel
-    max_diff: dict[str, float] = field(default_factory=lambda: {"enc_out": 0.0, "logits": 0.0})
+    max_diff: dict[str, float] = field(default_factory=lambda: {"encoder": 0.0, "logits": 0.0})
     max_abs_logit: float = 0.0
 
-    def _track(self, name: str, ref: np.ndarray, got: np.ndarray) -> None:
-        self.max_diff[name] = max(self.max_diff[name], float(np.max(np.abs(ref - got))))
+    def _track(self, what: str, ref: Feeds, got: Feeds, names: Sequence[str]) -> None:
+        diff = max(float(np.max(np.abs(ref[name] - got[name]))) for name in names)
+        self.max_diff[what] = max(self.max_diff[what], diff)
 
-    def run_encoder(self, embeds: np.ndarray, mask_bias: np.ndarray) -> np.ndarray:
-        got = self.candidate.run_encoder(embeds, mask_bias)
-        self._track("enc_out", self.reference.run_encoder(embeds, mask_bias), got)
+    def run_encoder(self, feeds: Feeds) -> Feeds:
+        got = self.candidate.run_encoder(feeds)
+        self._track("encoder", self.reference.run_encoder(feeds), got, list(got))
         return got
 
-    def run_decoder(self, tok_embeds: np.ndarray, enc_out: np.ndarray, mask_bias: np.ndarray,
-                    state: State) -> tuple[np.ndarray, State]:
-        logits, new_state = self.candidate.run_decoder(tok_embeds, enc_out, mask_bias, state)
-        self._track("logits", self.reference.run_decoder(tok_embeds, enc_out, mask_bias, state)[0], logits)
-        self.max_abs_logit = max(self.max_abs_logit, float(np.max(np.abs(logits))))
-        return logits, new_state
+    def run_decoder(self, feeds: Feeds) -> Feeds:
+        got = self.candidate.run_decoder(feeds)
+        self._track("logits", self.reference.run_decoder(feeds), got, ["logits"])
+        self.max_abs_logit = max(self.max_abs_logit, float(np.max(np.abs(got["logits"]))))
+        return got
 
 
-@dataclass
-class Recorder:
-    """Keeps every graph call's inputs, one list of decoder calls per sentence (an encoder call starts one)."""
-
-    inner: backends.StepModel
-    encoder_rows: list[dict[str, np.ndarray]] = field(default_factory=list)
-    decoder_rows: list[list[dict[str, np.ndarray]]] = field(default_factory=list)
-
-    def run_encoder(self, embeds: np.ndarray, mask_bias: np.ndarray) -> np.ndarray:
-        self.encoder_rows.append({"src_embeds": embeds, "src_mask_bias": mask_bias})
-        self.decoder_rows.append([])
-        return self.inner.run_encoder(embeds, mask_bias)
-
-    def run_decoder(self, tok_embeds: np.ndarray, enc_out: np.ndarray, mask_bias: np.ndarray,
-                    state: State) -> tuple[np.ndarray, State]:
-        self.decoder_rows[-1].append({"tok_embeds": tok_embeds, "enc_out": enc_out, "src_mask_bias": mask_bias,
-                                      **state})
-        return self.inner.run_decoder(tok_embeds, enc_out, mask_bias, state)
-
-    def arrays(self, rows_per_sentence: int) -> dict[str, np.ndarray]:
-        """convert_rknn's layout: `<graph>/<input>` stacked on a leading sample axis; decoder rows evenly spread
-        over each sentence's steps (early steps see a nearly empty cache, late ones a full one)."""
-        decoder = []
-        for steps in self.decoder_rows:
-            picks = np.unique(np.linspace(0, len(steps) - 1, rows_per_sentence).round().astype(int))
-            decoder += [steps[i] for i in picks]
-        out = {}
-        for graph, rows in (("encoder", self.encoder_rows), ("decoder", decoder)):
-            for name in rows[0]:
-                out[f"{graph}/{name}"] = np.stack([row[name] for row in rows]).astype(np.float32)
-        return out
+def calibration_arrays(recorder: backends.Recorder, rows_per_sentence: int) -> dict[str, np.ndarray]:
+    """convert_rknn's layout: `<graph>/<input>` stacked on a leading sample axis; decoder rows evenly spread over
+    each sentence's steps (early steps see a nearly empty cache, late ones a full one)."""
+    encoder, decoder = [], []
+    for sentence in recorder.sentences:
+        steps = sentence.decoder
+        picks = np.unique(np.linspace(0, len(steps) - 1, rows_per_sentence).round().astype(int))
+        encoder.append(sentence.encoder.inputs)
+        decoder += [steps[i].inputs for i in picks]
+    out = {}
+    for graph, rows in (("encoder", encoder), ("decoder", decoder)):
+        for name in rows[0]:
+            out[f"{graph}/{name}"] = np.stack([row[name] for row in rows]).astype(np.float32)
+    return out
 
 
 # --------------------------------------------------------------------------- sentences
@@ -270,7 +260,7 @@ def parity(reference: TorchStepModel, candidate: OnnxStepModel, tables: EmbedTab
     probe = ParityProbe(reference, candidate)
     got = LoopDecoder(probe, tables, meta).decode([r.source_ids for r in requests], [r.direction for r in requests])
     mismatches = [i for i, (a, b) in enumerate(zip(got, expected)) if a != b]
-    return {"max_abs_diff_logits": probe.max_diff["logits"], "max_abs_diff_enc_out": probe.max_diff["enc_out"],
+    return {"max_abs_diff_logits": probe.max_diff["logits"], "max_abs_diff_encoder": probe.max_diff["encoder"],
             "max_abs_logit": probe.max_abs_logit, "greedy_identical": len(requests) - len(mismatches),
             "greedy_total": len(requests),
             "first_mismatches": [{"index": i, "torch": expected[i], "got": got[i]} for i in mismatches[:3]]}
@@ -294,10 +284,10 @@ def quantize_int8(src: Path, dst: Path) -> None:
 def calibration_rows(tables: EmbedTables, meta: DeployMeta, model: OnnxStepModel,
                      requests: Sequence[Request]) -> dict[str, np.ndarray]:
     """Rows for the RKNN calibration/eval files, from the deployed greedy loop on real sentences."""
-    recorder = Recorder(model)
+    recorder = backends.Recorder(model, keep_outputs=False)
     LoopDecoder(recorder, tables, meta, progress=True).decode([r.source_ids for r in requests],
                                                               [r.direction for r in requests])
-    return recorder.arrays(DECODER_ROWS_PER_SENTENCE)
+    return calibration_arrays(recorder, DECODER_ROWS_PER_SENTENCE)
 
 
 # --------------------------------------------------------------------------- the whole export
@@ -341,6 +331,9 @@ def export(opts: ExportOptions) -> dict:
     S = opts.max_source_len or limit
     if not 1 <= S <= limit:
         raise ExportError(f"--max_source_len {S}: must be 1..{limit} (the model's max_source_len)")
+    if student.config.max_target_len < 2:
+        raise ExportError(f"{opts.model}: max_target_len {student.config.max_target_len}; the decoder step's cache "
+                          "holds max_target_len - 1 positions, so export a model with max_target_len >= 2")
     meta = build_meta(student, S)
     dist = Dist(opts.out.parent)
     dist.onnx.mkdir(parents=True, exist_ok=True)
@@ -360,8 +353,7 @@ def export(opts: ExportOptions) -> dict:
     log.info("onnxruntime int8 (dynamic) -> %s", dist.int8)
     quantize_int8(dist.onnx, dist.int8)
 
-    state_names = [n for n in io["decoder"][0] if n not in ("tok_embeds", "enc_out", "src_mask_bias")]
-    reference = TorchStepModel(student, state_names, list(io["decoder"][1]))
+    reference = TorchStepModel(student, io)
     onnx_fp32 = OnnxStepModel(dist.onnx)
     requests, too_long = requests_from(opts.test, builder, S, opts.n_parity, meta.directions)
     log.info("parity on %d test sentences: torch generate vs onnxruntime fp32 and int8", len(requests))

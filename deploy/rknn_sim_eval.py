@@ -50,14 +50,11 @@ class SimulatorStepModel:
     def __init__(self, model: cr.SimulatedModel) -> None:
         self.model = model
 
-    def run_encoder(self, embeds: np.ndarray, mask_bias: np.ndarray) -> np.ndarray:
-        return self.model.run("encoder", {"src_embeds": embeds, "src_mask_bias": mask_bias})["enc_out"]
+    def run_encoder(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.model.run("encoder", feeds)
 
-    def run_decoder(self, tok_embeds: np.ndarray, enc_out: np.ndarray, mask_bias: np.ndarray,
-                    state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        feeds = {"tok_embeds": tok_embeds, "enc_out": enc_out, "src_mask_bias": mask_bias, **state}
-        outputs = self.model.run("decoder", feeds)
-        return outputs["logits"], bk.next_state(state, outputs)
+    def run_decoder(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.model.run("decoder", feeds)
 
 
 def build_options(dist: bk.Dist, precision: str) -> cr.BuildOptions:

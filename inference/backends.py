@@ -1,8 +1,10 @@
 """Greedy decoding of a deployed student (a DIST folder) with onnxruntime or the RKNN simulator.
 
-The greedy loop (`greedy`) is written once, against `StepModel`:
-    run_encoder(embeds, mask_bias) -> enc_out
-    run_decoder(tok_embeds, enc_out, mask_bias, state) -> (logits, state)
+The greedy loop (`greedy`) is written once, against `StepModel`, on named float32 arrays (docs/CONTRACTS.md):
+    run_encoder({src_embeds, src_mask}) -> {cross_k_0, cross_v_0, ...}
+    run_decoder({tok_embeds, src_mask, cross_*, carried inputs}) -> {logits, carried outputs}
+The loop sets the per-sentence inputs once, carries the state as the board runner does (recurrent states replaced,
+transformer caches shifted by one position with the step's key/value appended) and shifts the 0/1 self mask.
 Implementations: `OnnxStepModel` here (fp32 DIST/onnx, int8 DIST/onnx-int8), the simulator's in
 deploy/rknn_sim_eval.py and torch's static graphs in deploy/export_onnx.py. Embedding rows are summed on the CPU
 from embed.bin exactly as the board runner does (docs/CONTRACTS.md).
@@ -28,7 +30,7 @@ import subprocess
 import sys
 import time
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -39,13 +41,10 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 BACKENDS = ("torch", "onnx", "onnx-int8", "rknn-sim")
-MASK_BIAS = -1e4  # model.MASK_BIAS; finite because rknn-toolkit2 clamps -inf
 EMBED_MAGIC = b"RKEMB1\0\0"
 EMBED_HEADER = struct.Struct("<8s4I")  # magic, V, D, n_directions, max_positions
-# Decoder outputs fed back as the next step's inputs (docs/CONTRACTS.md).
-CARRIED = {"new_state": "state", "new_cache_k": "cache_k", "new_cache_v": "cache_v"}
 
-State = dict[str, np.ndarray]  # decoder graph inputs carried from step to step, by input name
+Feeds = dict[str, np.ndarray]  # a graph's inputs or outputs by name (docs/CONTRACTS.md)
 
 
 class BackendError(RuntimeError):
@@ -170,62 +169,125 @@ class EmbedTables:
         return (x + self.position[start:start + len(ids)])[None].astype(np.float32)
 
 
-class StepModel(Protocol):
-    """One encoder pass and one decoder step, on float32 arrays with the graphs' static shapes."""
-
-    def run_encoder(self, embeds: np.ndarray, mask_bias: np.ndarray) -> np.ndarray: ...
-
-    def run_decoder(self, tok_embeds: np.ndarray, enc_out: np.ndarray, mask_bias: np.ndarray,
-                    state: State) -> tuple[np.ndarray, State]: ...
+Shapes = dict[str, list[int]]
 
 
-def next_state(state: State, outputs: dict[str, Any]) -> State:
-    """The state for the next step: this step's inputs with the carried outputs put in their place."""
-    return {**state, **{CARRIED[name]: value for name, value in outputs.items() if name in CARRIED}}
-
-
-def initial_state(meta: DeployMeta) -> State:
+def contract_io(meta: DeployMeta) -> dict[str, tuple[Shapes, Shapes]]:
+    """Per graph, (inputs, outputs) name -> static shape, in the order docs/CONTRACTS.md lists them."""
+    S, D, L, H = meta.S, meta.D, meta.L, meta.H
+    cross = {f"cross_{kv}_{layer}": [1, H, S, D // H] for layer in range(L) for kv in "kv"}
+    encoder = ({"src_embeds": [1, S, D], "src_mask": [1, S]}, cross)
+    common = {"tok_embeds": [1, 1, D], "src_mask": [1, S], **cross}
     if meta.decoder == "recurrent":
-        return {"state": np.zeros((meta.L, 1, meta.D), np.float32)}
-    shape = (meta.L, meta.H, meta.Tc, meta.D // meta.H)
-    return {"cache_k": np.zeros(shape, np.float32), "cache_v": np.zeros(shape, np.float32),
-            "cache_mask_bias": np.full((1, meta.Tc), MASK_BIAS, np.float32)}
+        decoder = ({**common, **{f"state_{layer}": [1, D] for layer in range(L)}},
+                   {"logits": [1, meta.V], **{f"new_state_{layer}": [1, D] for layer in range(L)}})
+    else:
+        cache = {f"self_{kv}_{layer}": [1, H, meta.Tc - 1, D // H] for layer in range(L) for kv in "kv"}
+        step = {f"step_{kv}_{layer}": [1, H, 1, D // H] for layer in range(L) for kv in "kv"}
+        decoder = ({**common, "self_mask": [1, meta.Tc], **cache}, {"logits": [1, meta.V], **step})
+    return {"encoder": encoder, "decoder": decoder}
 
 
-def for_step(state: State, step: int) -> State:
-    """The cache mask the runner shifts: step t (from 0) sees the last t+1 cache positions."""
-    if "cache_mask_bias" not in state:
-        return state
-    mask = np.full_like(state["cache_mask_bias"], MASK_BIAS)
-    mask[:, mask.shape[1] - step - 1:] = 0.0
-    return {**state, "cache_mask_bias": mask}
+class StepModel(Protocol):
+    """One encoder pass and one decoder step, on named float32 arrays with the graphs' static shapes."""
+
+    def run_encoder(self, feeds: Feeds) -> Feeds: ...
+
+    def run_decoder(self, feeds: Feeds) -> Feeds: ...
 
 
-def source_inputs(tables: EmbedTables, meta: DeployMeta, source_ids: Sequence[int],
-                  direction: int) -> tuple[np.ndarray, np.ndarray]:
-    """Encoder inputs: the source padded with pad rows to S, and its mask bias."""
+@dataclass(frozen=True)
+class Call:
+    """One graph call: what went in and what came out."""
+
+    inputs: Feeds
+    outputs: Feeds
+
+
+@dataclass
+class Sentence:
+    encoder: Call
+    decoder: list[Call]
+
+
+@dataclass
+class Recorder:
+    """A StepModel that keeps every call of the one it wraps, sentence by sentence (an encoder call starts one).
+
+    keep_outputs=False keeps only the inputs (calibration rows): the logits of every step would cost V floats each.
+    """
+
+    inner: StepModel
+    keep_outputs: bool = True
+    sentences: list[Sentence] = field(default_factory=list)
+
+    def run_encoder(self, feeds: Feeds) -> Feeds:
+        outputs = self.inner.run_encoder(feeds)
+        self.sentences.append(Sentence(Call(feeds, outputs if self.keep_outputs else {}), []))
+        return outputs
+
+    def run_decoder(self, feeds: Feeds) -> Feeds:
+        outputs = self.inner.run_decoder(feeds)
+        self.sentences[-1].decoder.append(Call(feeds, outputs if self.keep_outputs else {}))
+        return outputs
+
+
+def initial_carried(meta: DeployMeta) -> Feeds:
+    """The decoder inputs carried from step to step, before step 0: zero states, or zero caches (masked)."""
+    decoder_inputs = contract_io(meta)["decoder"][0]
+    prefixes = ("state_",) if meta.decoder == "recurrent" else ("self_k_", "self_v_")
+    return {name: np.zeros(shape, np.float32) for name, shape in decoder_inputs.items() if name.startswith(prefixes)}
+
+
+def self_mask(meta: DeployMeta, step: int) -> np.ndarray:
+    """The transformer's self-attention mask at step t (from 0): 1 on the last t+1 positions (its cache's last t
+    and its own), 0 before them."""
+    mask = np.zeros((1, meta.Tc), np.float32)
+    mask[:, meta.Tc - step - 1:] = 1.0
+    return mask
+
+
+def advance(feeds: Feeds, outputs: Feeds) -> Feeds:
+    """The next step's decoder inputs: `new_state_l` replaces `state_l`; `step_k_l` / `step_v_l` are appended to
+    `self_k_l` / `self_v_l`, whose oldest position is dropped (the runner shifts its buffers the same way)."""
+    carried = dict(feeds)
+    for name, value in outputs.items():
+        if name.startswith("new_"):
+            carried[name[len("new_"):]] = value
+        elif name.startswith("step_"):
+            cache = "self_" + name[len("step_"):]
+            carried[cache] = np.concatenate([feeds[cache][:, :, 1:], value], axis=2)
+    return carried
+
+
+def source_inputs(tables: EmbedTables, meta: DeployMeta, source_ids: Sequence[int], direction: int) -> Feeds:
+    """Encoder inputs: the source padded with pad rows to S, and its 0/1 mask."""
     n = len(source_ids)
     if n > meta.S:
         raise BackendError(f"source has {n} tokens; the exported graphs take at most {meta.S}")
-    embeds = tables.rows(list(source_ids) + [meta.pad_id] * (meta.S - n), direction, 0)
-    bias = np.full((1, meta.S), MASK_BIAS, np.float32)
-    bias[:, :n] = 0.0
-    return embeds, bias
+    mask = np.zeros((1, meta.S), np.float32)
+    mask[:, :n] = 1.0
+    return {"src_embeds": tables.rows(list(source_ids) + [meta.pad_id] * (meta.S - n), direction, 0),
+            "src_mask": mask}
 
 
 def greedy(model: StepModel, tables: EmbedTables, meta: DeployMeta, source_ids: Sequence[int],
            direction: int) -> list[int]:
     """Greedy decoding as in model.generate: bos at position 0, stop at eos or Tc steps; ids exclude bos/eos."""
-    embeds, bias = source_inputs(tables, meta, source_ids, direction)
-    enc_out = model.run_encoder(embeds, bias)
-    state, token, out = initial_state(meta), meta.bos_id, []
+    source = source_inputs(tables, meta, source_ids, direction)
+    # Set once per sentence: the source mask and every layer's cross-attention keys and values.
+    feeds = {"src_mask": source["src_mask"], **model.run_encoder(source), **initial_carried(meta)}
+    token, out = meta.bos_id, []
     for step in range(meta.Tc):
-        logits, state = model.run_decoder(tables.rows([token], direction, step), enc_out, bias,
-                                          for_step(state, step))
-        token = int(np.argmax(logits))
+        feeds = {**feeds, "tok_embeds": tables.rows([token], direction, step)}
+        if meta.decoder == "transformer":
+            feeds["self_mask"] = self_mask(meta, step)
+        outputs = model.run_decoder(feeds)
+        token = int(np.argmax(outputs["logits"]))
         if token == meta.eos_id:
             break
         out.append(token)
+        feeds = advance(feeds, outputs)
     return out
 
 
@@ -250,16 +312,18 @@ class OnnxStepModel:
                 raise BackendError(f"{path} not found; export the model first (python -m deploy.export_onnx)")
             sessions.append(ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
         self.encoder, self.decoder = sessions
-        self.decoder_outputs = [o.name for o in self.decoder.get_outputs()]
 
-    def run_encoder(self, embeds: np.ndarray, mask_bias: np.ndarray) -> np.ndarray:
-        return self.encoder.run(["enc_out"], {"src_embeds": embeds, "src_mask_bias": mask_bias})[0]
+    def run_encoder(self, feeds: Feeds) -> Feeds:
+        return run_session(self.encoder, feeds)
 
-    def run_decoder(self, tok_embeds: np.ndarray, enc_out: np.ndarray, mask_bias: np.ndarray,
-                    state: State) -> tuple[np.ndarray, State]:
-        feeds = {"tok_embeds": tok_embeds, "enc_out": enc_out, "src_mask_bias": mask_bias, **state}
-        outputs = dict(zip(self.decoder_outputs, self.decoder.run(None, feeds)))
-        return outputs["logits"], next_state(state, outputs)
+    def run_decoder(self, feeds: Feeds) -> Feeds:
+        return run_session(self.decoder, feeds)
+
+
+def run_session(session: Any, feeds: Feeds) -> Feeds:
+    """One onnxruntime call on the graph's own inputs; its outputs by name."""
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {i.name: feeds[i.name] for i in session.get_inputs()})))
 
 
 class Decoder(Protocol):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with everything rk-distill needs (idempotent: a stamp holds the requirements' hash) and, as root,
-# installs the Debian packages the board runner's tests use (aarch64 cross compiler, qemu, cmake).
+# installs the Debian packages the board runner's build and tests use (cmake; qemu and the aarch64 sysroot and gcc
+# for its tests: the board build itself uses zig from requirements.txt).
 #   bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -197,3 +197,32 @@ def student_folder(tokenizer, small_corpus, tmp_path_factory) -> Path:
     tokenizer.save_pretrained(folder)
     vocab.save(folder)
     return folder
+
+
+# --------------------------------------------------------------------------- exported students, shared
+# Tiny random students of both decoder kinds exported with the real command line (tests/test_export_onnx.py's
+# helpers), shared by test_export_onnx.py (the graphs and their parity), test_convert_rknn.py (the toolkit on them)
+# and test_runtime.py (the board runner on the same graphs).
+
+
+@pytest.fixture(scope="session")
+def students(tiny_teacher, small_corpus, tmp_path_factory) -> dict[str, Path]:
+    from test_export_onnx import KINDS, make_student
+    pairs = data.read_pairs(small_corpus / "train.jsonl")
+    return {kind: make_student(tmp_path_factory.mktemp(f"student_{kind}"), tiny_teacher, pairs, kind)
+            for kind in KINDS}
+
+
+@pytest.fixture(scope="session")
+def exported(students, small_corpus, tmp_path_factory) -> dict:
+    """{kind: inference.backends.Dist} of each student's `python -m deploy.export_onnx` output."""
+    from inference.backends import Dist
+    from test_export_onnx import N_PARITY, export_args, run_module
+    dists = {}
+    for kind, student in students.items():
+        dist = Dist(tmp_path_factory.mktemp(f"dist_{kind}"))
+        done = run_module("deploy.export_onnx", *export_args(student, dist.onnx, small_corpus))
+        assert done.returncode == 0, f"export failed for {kind}:\n{done.stderr[-3000:]}"
+        assert f"greedy {N_PARITY}/{N_PARITY} identical" in done.stdout
+        dists[kind] = dist
+    return dists

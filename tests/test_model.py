@@ -68,15 +68,18 @@ def test_static_step_matches_generate(decoder):
     src[0, :9] = source[0]
     src_mask = torch.zeros(1, cfg.max_source_len, dtype=torch.long)
     src_mask[0, :9] = 1
-    enc_out, bias = model.encode(src, src_mask, direction[:1])
-    state, token, tokens = model.initial_static_state(), cfg.bos_token_id, []
     with torch.no_grad():
+        cross = model.static_encode(model.input_embeds(src, direction[:1]), src_mask.float())
+        state, token, tokens = list(model.initial_static_state()), cfg.bos_token_id, []
         for step in range(cfg.max_target_len):
-            if decoder == "transformer":
-                state[2][0, :-1], state[2][0, -1] = state[2][0, 1:].clone(), 0.0
+            if decoder == "transformer":  # the caller's side of the contract: mask and shift the cache
+                state[0] = (torch.arange(cfg.max_target_len) >= cfg.max_target_len - step - 1).float()[None]
             embeds = model.input_embeds(torch.tensor([[token]]), direction[:1], step)
-            logits, *new = model.static_step(embeds, enc_out, bias, *state)
-            state = (*new, state[2]) if decoder == "transformer" else tuple(new)
+            logits, *new = model.static_step(embeds, src_mask.float(), *cross, *state)
+            if decoder == "transformer":
+                state[1:] = [torch.cat([cache[:, :, 1:], key], dim=2) for cache, key in zip(state[1:], new)]
+            else:
+                state = new
             token = int(logits.argmax(-1))
             if token == cfg.eos_token_id:
                 break

@@ -1,13 +1,14 @@
 """deploy/package.py: DIST/board/ for the RV1126B.
 
 The DIST comes from a real export of a tiny student; its .rknn files are stand-ins (packaging only copies them; the
-real conversion runs in tests/test_deploy.py). The runner is built for real with the aarch64 cross compiler, which
-CI installs (gcc-aarch64-linux-gnu); without it that test fails and says so.
+real conversion runs in tests/test_deploy.py). The runner is built for real with zig (the ziglang wheel of
+requirements.txt) and, for the glibc check, with Debian's aarch64 gcc, which CI installs (gcc-aarch64-linux-gnu).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,9 +26,10 @@ FAKE_MODELS = {p: {g: f"{p} {g} model".encode() * 64 for g in ("encoder", "decod
 
 
 def fake_aarch64_elf(path: Path) -> Path:
-    """The 20 header bytes package.py reads: ELF magic, 64-bit, little-endian, e_machine = 183 (aarch64)."""
+    """What package.py reads of a runner: an ELF header (64-bit, little-endian, e_machine = 183: aarch64, no section
+    headers, so no version needs) and the names the rknn backend loads."""
     header = b"\x7fELF\x02\x01\x01" + bytes(9) + (2).to_bytes(2, "little") + (183).to_bytes(2, "little")
-    path.write_bytes(header + bytes(44))
+    path.write_bytes(header + bytes(44) + b"librknnrt.so\0rknn_set_io_mem\0")
     return path
 
 
@@ -68,25 +70,34 @@ def test_board_has_every_file(packaged: Dist) -> None:
 def test_readme_tells_how_to_copy_run_and_what_to_expect(packaged: Dist) -> None:
     readme = (packaged.board / "README.md").read_text()
     for needle in ("scp -r board", "adb push board", "./run.sh zh-en", "librknnrt.so", "version 2.5.0", "w8a8",
-                   "ms of NPU time per output token", "MB", "6-token translation", "prebuilt"):
+                   "ms of NPU time per output token", "MB", "6-token translation", "prebuilt", "RKNN_LIB",
+                   "no glibc symbol version", "./run.sh --bench", "host_ms", "perf_run_ms"):
         assert needle in readme, needle
 
 
 def test_run_sh_calls_the_runner_as_it_expects(packaged: Dist) -> None:
-    """A host stand-in for rk_translate echoes its arguments: run.sh must pass the runner's CLI and library path."""
+    """A host stand-in for rk_translate echoes its arguments: run.sh must pass the runner's CLI, and RKNN_LIB reaches
+    the runner, which loads librknnrt.so from there."""
     board = packaged.board
-    (board / "rk_translate").write_text('#!/bin/sh\necho "LD=$LD_LIBRARY_PATH"\nprintf "[%s]" "$@"; echo\n')
+    (board / "rk_translate").write_text('#!/bin/sh\necho "RKNN_LIB=$RKNN_LIB"\nprintf "[%s]" "$@"; echo\n')
     env = {**os.environ, "RKNN_LIB": "/opt/rknn/lib"}
-    one = subprocess.run(["sh", str(board / "run.sh"), "en-zh", "Open the file"], capture_output=True, text=True,
-                         env=env, timeout=30)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["sh", str(board / "run.sh"), *args], capture_output=True, text=True, env=env, timeout=30)
+
+    one = run("en-zh", "Open the file")
     assert one.returncode == 0, one.stderr
-    ld, argv = one.stdout.splitlines()
-    assert ld.startswith("LD=/opt/rknn/lib:")
+    library, argv = one.stdout.splitlines()
+    assert library == "RKNN_LIB=/opt/rknn/lib"
     files = "".join(f"[{board / name}]" for name in ("encoder.rknn", "decoder.rknn", "tokenizer.bin", "embed.bin"))
     assert argv == f"[--backend][rknn][--direction][en-zh][--max_tokens][{TGT_LEN}]{files}[Open the file]"
-    examples = subprocess.run(["sh", str(board / "run.sh")], capture_output=True, text=True, env=env, timeout=30)
+    examples = run()
     assert examples.returncode == 0 and "[zh-en]" in examples.stdout and "[en-zh]" in examples.stdout
-    wrong = subprocess.run(["sh", str(board / "run.sh"), "zh-en"], capture_output=True, text=True, timeout=30)
+    bench = run("--bench")
+    assert bench.returncode == 0 and bench.stdout.count(f"[--bench][{package.BENCH_RUNS}]") == 2
+    bench = run("--bench", "5", "zh-en", "打开文件")
+    assert bench.returncode == 0 and "[--bench][5]" in bench.stdout and "[打开文件]" in bench.stdout
+    wrong = run("zh-en")
     assert wrong.returncode == 2 and "usage" in wrong.stderr
 
 
@@ -112,15 +123,44 @@ def test_cli_defaults_to_the_first_converted_precision(dist: Dist, tmp_path: Pat
     assert bad.returncode == 2 and "not an aarch64 ELF executable" in bad.stderr.strip().splitlines()[-1]
 
 
-def test_builds_the_aarch64_runner_with_cmake(tmp_path: Path) -> None:
-    if shutil.which(package.CROSS_COMPILER) is None:
-        pytest.fail(f"{package.CROSS_COMPILER} not found: install the aarch64 cross compiler "
-                    "(apt install gcc-aarch64-linux-gnu) to build the board runner")
-    runner = package.build_runner(tmp_path / "build", None)
-    assert package.elf_machine(runner) == package.EM_AARCH64
+def test_rejects_a_runner_without_the_rknn_backend(tmp_path: Path) -> None:
+    elf = fake_aarch64_elf(tmp_path / "rk_translate")
+    elf.write_bytes(elf.read_bytes().replace(b"rknn_set_io_mem", b"rknn_inputs_set"))
+    with pytest.raises(package.PackageError, match="has no rknn backend"):
+        package.check_runner(elf)
+
+
+@pytest.fixture(scope="module")
+def zig_runner(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The runner as deploy builds it by default: CMake and zig, against glibc 2.17."""
+    return package.build_runner(tmp_path_factory.mktemp("build_zig"), None)
+
+
+def test_builds_the_aarch64_runner_with_zig_for_old_boards(zig_runner: Path) -> None:
+    elf = package.check_runner(zig_runner)
+    assert elf.machine == package.EM_AARCH64 and elf.glibc == (2, 17)
+    assert "libc.so.6" in elf.version_needs and package.glibc_label(elf) == "glibc 2.17"
+    readelf = shutil.which("aarch64-linux-gnu-readelf") or shutil.which("readelf")
+    if readelf:  # the parser of .gnu.version_r against binutils' own
+        listing = subprocess.run([readelf, "-V", str(zig_runner)], capture_output=True, text=True).stdout
+        needs = listing[listing.index("Version needs section"):]
+        assert sorted(set(re.findall(r"Name: (GLIBC_[\d.]+)", needs))) == sorted(
+            {v for vs in elf.version_needs.values() for v in vs})
     qemu = shutil.which("qemu-aarch64")
     if qemu and Path("/usr/aarch64-linux-gnu/lib").is_dir():  # the runner's CLI is what run.sh calls
-        usage = subprocess.run([qemu, "-L", "/usr/aarch64-linux-gnu", str(runner), "--help"], capture_output=True,
+        usage = subprocess.run([qemu, "-L", "/usr/aarch64-linux-gnu", str(zig_runner), "--help"], capture_output=True,
                                text=True, timeout=60)
         assert usage.returncode == 0
-        assert all(flag in usage.stdout for flag in ("--direction", "--backend", "--max_tokens", "TOKENIZER_BIN"))
+        assert all(flag in usage.stdout for flag in ("--direction", "--backend", "--max_tokens", "--bench",
+                                                     "TOKENIZER_BIN", "rknn (default)"))
+
+
+def test_refuses_a_runner_that_needs_a_newer_glibc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Debian 12's aarch64 gcc links __libc_start_main@GLIBC_2.34: CROSS_COMPILE builds with it, packaging refuses."""
+    if shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.fail("aarch64-linux-gnu-gcc not found: install it (apt install gcc-aarch64-linux-gnu) for this test")
+    monkeypatch.setenv("CROSS_COMPILE", "aarch64-linux-gnu-")
+    runner = package.build_runner(tmp_path / "build", None)
+    assert package.read_elf(runner).glibc > package.MAX_GLIBC
+    with pytest.raises(package.PackageError, match=r"needs glibc 2\.\d+ .*newer than the 2\.28"):
+        package.check_runner(runner)

@@ -1,17 +1,20 @@
-"""deploy/runtime (the C runner) and deploy/tokenizer_bin.py.
+"""deploy/runtime (the C runner), deploy/tokenizer_bin.py and deploy/replay.py.
 
-Builds the runner twice into a temp dir: for the host with -fsanitize=address,undefined, and for aarch64 (static, run
-under qemu-aarch64). Both builds link the rknn backend against test/fake_rknnrt.c, which serves a replay recording
-through the RKNN C API. Checks:
+Builds the runner twice into a temp dir: for the host with -fsanitize=address,undefined, and for aarch64 with the
+zig toolchain the board package uses (run under qemu-aarch64 with Debian's aarch64 sysroot). Each build also makes
+test/fake_rknnrt.c into a shared fake/librknnrt.so, which the runner loads through dlopen as it loads the board's;
+the fake serves a replay recording through the RKNN C API and checks every call and every input. Checks:
   - the C tokenizer gives exactly the Hugging Face ids (mapped to student ids) on every text of the gettext corpus
     (English and Chinese sides of /usr/share/locale/zh_CN catalogs), full and trimmed vocabularies, and decodes back;
     the same on a subset under qemu; on a sample of every Unicode code point; on Qwen's real tokenizer;
   - truncated and corrupted tokenizer.bin / embed.bin / recordings (truncations at a stride, every header field set to
     0, 1, huge, negative and off by one, random byte flips) make the ASan build fail cleanly, never crash; so do bad
-    tensor attributes reported by the fake RKNN runtime (FAKE_RKNN_CORRUPT), each named in the error;
-  - the greedy loop (recurrent and transformer decoders) gives the tokens of a Python greedy loop over the same
-    recorded logits, through the replay backend and through the rknn backend on the fake runtime, host and qemu.
-Needs gcc, cmake (host) and gcc-aarch64-linux-gnu, qemu-user (the aarch64 tests skip without them).
+    tensor attributes and failing calls of the fake RKNN runtime (FAKE_RKNN_CORRUPT), each named in the error;
+  - the runner's tokens equal the Python greedy decoder's: on onnxruntime over the real exported graphs of tiny
+    students (both decoder kinds), with the board model's I/O as float32, float16 and int8/uint8/int16 (affine and
+    DFP), NCHW and NHWC (padded rows too), through the rknn backend on the fake runtime, host and qemu; and over
+    random outputs through the replay backend. Per-sentence inputs are set once per sentence (the fake counts it).
+Needs gcc, cmake (host), the ziglang wheel (requirements.txt) and qemu-user (the aarch64 tests skip without qemu).
 """
 from __future__ import annotations
 
@@ -38,16 +41,20 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import data  # noqa: E402
+from deploy import replay  # noqa: E402
 from deploy import tokenizer_bin as tb  # noqa: E402
+from inference import backends  # noqa: E402
 
 RUNTIME = REPO / "deploy" / "runtime"
 CATALOGS = Path("/usr/share/locale/zh_CN/LC_MESSAGES")
+AARCH64_SYSROOT = Path("/usr/aarch64-linux-gnu")
 APT_HINT = "apt-get install -y gcc cmake gcc-aarch64-linux-gnu qemu-user"
 QEMU_STRIDE = 8          # every 8th corpus text under qemu (the whole corpus takes ~12 s there)
 CODE_POINT_STRIDE = 5    # every 5th assigned code point
 SANITIZER_MARKERS = ("AddressSanitizer", "LeakSanitizer", "UndefinedBehaviorSanitizer", "runtime error:")
 SANITIZER_ENV = {"ASAN_OPTIONS": "detect_leaks=1:exitcode=99:abort_on_error=0",
                  "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1:exitcode=98"}
+VERSION_LINE = "librknnrt: "  # the rknn backend's first stderr line: the runtime's API and driver versions
 
 
 # --------------------------------------------------------------------------- builds
@@ -55,26 +62,28 @@ SANITIZER_ENV = {"ASAN_OPTIONS": "detect_leaks=1:exitcode=99:abort_on_error=0",
 @dataclass(frozen=True)
 class Build:
     dir: Path
-    runner: tuple[str, ...]  # prefix to run a binary: () on the host, ("qemu-aarch64",) for aarch64
+    runner: tuple[str, ...]  # prefix to run a binary: () on the host, qemu-aarch64 with its sysroot for aarch64
 
     def cmd(self, program: str, *args: str | Path) -> list[str]:
         return [*self.runner, str(self.dir / program), *map(str, args)]
 
     def run(self, program: str, *args: str | Path, stdin: bytes = b"", timeout: float = 120,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        """The runner finds this build's fake librknnrt.so through RKNN_LIB, as a board user's would."""
         return subprocess.run(self.cmd(program, *args), input=stdin, capture_output=True, timeout=timeout,
-                              env={**os.environ, **SANITIZER_ENV, **(env or {})})
+                              env={**os.environ, **SANITIZER_ENV, "RKNN_LIB": str(self.dir / "fake"), **(env or {})})
 
 
-def cmake_build(out: Path, *options: str) -> None:
+def cmake_build(out: Path, *options: str, env: dict[str, str] | None = None) -> None:
     for tool in ("cmake", "gcc"):
         if not shutil.which(tool):
             pytest.fail(f"{tool} is missing; install the build tools with: {APT_HINT}")
+    environment = {**os.environ, **(env or {})}
     configure = subprocess.run(["cmake", "-S", str(RUNTIME), "-B", str(out), "-DRKT_WERROR=ON", *options],
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, env=environment)
     assert configure.returncode == 0, configure.stdout + configure.stderr
     build = subprocess.run(["cmake", "--build", str(out), "-j", str(max(2, os.cpu_count() or 2))],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, env=environment)
     assert build.returncode == 0, build.stdout + build.stderr
 
 
@@ -87,13 +96,13 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Build:
 
 @pytest.fixture(scope="session")
 def arm(tmp_path_factory: pytest.TempPathFactory) -> Build:
-    missing = [t for t in ("aarch64-linux-gnu-gcc", "qemu-aarch64") if not shutil.which(t)]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not installed ({APT_HINT})")
+    """The board's build (zig, glibc 2.17) with an aarch64 fake runtime beside it, run under qemu."""
+    if not shutil.which("qemu-aarch64") or not (AARCH64_SYSROOT / "lib").is_dir():
+        pytest.skip(f"qemu-aarch64 or the aarch64 sysroot {AARCH64_SYSROOT} is missing ({APT_HINT})")
     out = tmp_path_factory.mktemp("build_aarch64")
-    cmake_build(out, f"-DCMAKE_TOOLCHAIN_FILE={RUNTIME / 'toolchain-aarch64.cmake'}", "-DRKT_STATIC=ON",
-                "-DRKT_FAKE_RKNN=ON")
-    return Build(out, ("qemu-aarch64",))
+    cmake_build(out, f"-DCMAKE_TOOLCHAIN_FILE={RUNTIME / 'toolchain-zig-aarch64.cmake'}", "-DRKT_FAKE_RKNN=ON",
+                env={"RKT_PYTHON": sys.executable})
+    return Build(out, ("qemu-aarch64", "-L", str(AARCH64_SYSROOT)))
 
 
 @pytest.fixture(params=["host", "arm"])
@@ -102,11 +111,12 @@ def build(request: pytest.FixtureRequest) -> Build:
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess, what: str) -> None:
-    """A non-zero exit with the runner's one-line error (and nothing else on stderr), no crash or sanitizer report."""
+    """A non-zero exit with the runner's one-line error (after, at most, the runtime's version line), no crash or
+    sanitizer report."""
     err = result.stderr.decode(errors="replace")
     assert result.returncode > 0, f"{what}: exit {result.returncode}\n{err[-2000:]}"
     assert result.returncode not in (98, 99) and not any(m in err for m in SANITIZER_MARKERS), f"{what}:\n{err}"
-    lines = err.splitlines()
+    lines = [line for line in err.splitlines() if not line.startswith(VERSION_LINE)]
     assert len(lines) == 1 and lines[0].startswith("rk_translate: "), f"{what}: not one error line\n{err[-2000:]}"
 
 
@@ -357,104 +367,77 @@ def test_tokenizer_bin_rejects_bad_vocab_maps(teacher_dir: Path, trimmed_tok: To
 
 # --------------------------------------------------------------------------- recordings and the greedy loop
 
-@dataclass(frozen=True)
-class Shapes:
-    kind: int          # 1 recurrent, 2 transformer
-    S: int = 24
-    D: int = 8
-    L: int = 2
-    H: int = 2         # transformer only
-    Tc: int = 10       # transformer: cache length; recurrent: the --max_tokens given to the runner
+RECURRENT, TRANSFORMER = "recurrent", "transformer"
+DIRECTIONS = ["zh-en", "en-zh"]
 
 
-RECURRENT, TRANSFORMER = Shapes(1), Shapes(2)
+def special_ids(tok: Tok) -> tuple[int, int, int]:
+    student = tok.vocab.student_of
+    return tuple(student[tok.hf.convert_tokens_to_ids(t)] for t in (data.PAD_TOKEN, data.BOS_TOKEN, data.EOS_TOKEN))
 
 
-def write_embed(path: Path, vocab: int, shapes: Shapes, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    positions = max(shapes.S, shapes.Tc) + 1
-    tables = {"token": rng.standard_normal((vocab, shapes.D), dtype=np.float32),
-              "direction": rng.standard_normal((2, shapes.D), dtype=np.float32),
-              "position": rng.standard_normal((positions, shapes.D), dtype=np.float32)}
-    path.write_bytes(b"RKEMB1\0\0" + struct.pack("<4I", vocab, shapes.D, 2, positions)
-                     + b"".join(t.astype("<f4").tobytes() for t in tables.values()))
-    return tables
+def random_meta(tok: Tok, decoder: str) -> backends.DeployMeta:
+    """Small shapes for random recordings: S 24, D 8, L 2, H 2, Tc 10 (recurrent: the --max_tokens given)."""
+    S, Tc = 24, 10
+    return backends.DeployMeta(decoder, S, Tc, 8, 2, 2, tok.vocab.size, *special_ids(tok), DIRECTIONS,
+                               max(S, Tc) + 1, 0)
 
 
-def reference_recording(path: Path, shapes: Shapes, tables: dict[str, np.ndarray], source: list[int],
-                        direction: int, special: tuple[int, int, int], rng: np.random.Generator,
-                        eos_at: int | None) -> list[int]:
-    """The Python greedy loop of CONTRACTS.md over random logits; writes what it fed and got as a recording.
-
-    Returns the output ids (without bos/eos). eos_at forces eos at that step; None never produces eos, so the loop
-    runs to Tc tokens.
-    """
-    pad, bos, eos = special
-    S, D, L, Tc = shapes.S, shapes.D, shapes.L, shapes.Tc
-    vocab = tables["token"].shape[0]
-    transformer = shapes.kind == 2
-
-    def row(token: int, position: int) -> np.ndarray:
-        return (tables["token"][token] + tables["direction"][direction]) + tables["position"][position]
-
-    src = np.stack([row(source[i] if i < len(source) else pad, i) for i in range(S)])
-    mask = np.array([0.0 if i < len(source) else -1e4 for i in range(S)], dtype=np.float32)
-    enc_out = rng.standard_normal((S, D), dtype=np.float32)
-    state_shape = (2, L, Tc, D) if transformer else (L, D)
-    chunks = [src, mask, enc_out]
-    token, out = bos, []
-    for step in range(Tc):
-        logits = rng.standard_normal(vocab, dtype=np.float32)
-        logits[eos] = 50.0 if step == eos_at else -50.0
-        chunks.append(row(token, step))
-        if transformer:
-            chunks.append(np.array([0.0 if j >= Tc - (step + 1) else -1e4 for j in range(Tc)], dtype=np.float32))
-        chunks += [logits, rng.standard_normal(state_shape, dtype=np.float32)]
-        token = int(np.argmax(logits))
-        if token == eos:
-            break
-        out.append(token)
-    n_steps = (len(chunks) - 3) // (4 if transformer else 3)
-    header = struct.pack("<8I", shapes.kind, S, D, vocab, L, shapes.H if transformer else 0, Tc if transformer else 0,
-                         n_steps)
-    path.write_bytes(b"RKRPL1\0\0" + header + b"".join(np.asarray(c, dtype="<f4").tobytes() for c in chunks))
-    return out
+def record_greedy(step_model: backends.StepModel, types: dict | None, tables: backends.EmbedTables,
+                  meta: backends.DeployMeta, source: list[int], direction: int) -> tuple[list[int], backends.Sentence]:
+    """The Python greedy loop with every graph call recorded; with types, each input and output rounded to the board
+    model's type around the recording, as the runner's buffers hold them."""
+    recorder = backends.Recorder(step_model)
+    model = replay.QuantizedIO(recorder, types) if types else recorder
+    return backends.greedy(model, tables, meta, source, direction), recorder.sentences[-1]
 
 
 @dataclass
 class Scenario:
-    shapes: Shapes
+    meta: backends.DeployMeta
     text: str
     direction: str
     recording: Path
     embed: Path
     want_ids: list[int]
     want_text: str
+    steps: int  # decoder calls
 
 
-def make_scenario(tok: Tok, shapes: Shapes, folder: Path, seed: int, eos_at: int | None,
+def make_scenario(tok: Tok, meta: backends.DeployMeta, folder: Path, seed: int, eos_at: int | None,
                   direction: str = "zh-en") -> Scenario:
+    """A random embed.bin and a recording of the Python greedy loop over random outputs (replay.RandomStepModel)."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     texts = ["打开文件", " Open the file ", "无法打开 %s: %s\n", "Print version information and exit."]
     text = texts[seed % len(texts)]
     source = tok.student_ids(tok.teacher_ids([text.strip()])[0])
-    assert 0 < len(source) < shapes.S, "the scenario needs padding"
-    tables = write_embed(folder / "embed.bin", tok.vocab.size, shapes, rng)
-    student = tok.vocab.student_of
-    special = tuple(student[tok.hf.convert_tokens_to_ids(t)] for t in (data.PAD_TOKEN, data.BOS_TOKEN,
-                                                                        data.EOS_TOKEN))
-    want = reference_recording(folder / "recording.bin", shapes, tables, source, ("zh-en", "en-zh").index(direction),
-                               special, rng, eos_at)
-    return Scenario(shapes, text, direction, folder / "recording.bin", folder / "embed.bin", want, tok.decode(want))
+    assert 0 < len(source) < meta.S, "the scenario needs padding"
+    tables = backends.EmbedTables(*(rng.standard_normal((rows, meta.D), dtype=np.float32)
+                                    for rows in (meta.V, len(meta.directions), meta.max_positions)))
+    (folder / "embed.bin").write_bytes(tables.to_bytes())
+    want, sentence = record_greedy(replay.RandomStepModel(meta, seed, eos_at), None, tables, meta, source,
+                                   DIRECTIONS.index(direction))
+    recording = replay.write_recording(folder / "recording.bin", meta, sentence)
+    return Scenario(meta, text, direction, recording, folder / "embed.bin", want, tok.decode(want),
+                    len(sentence.decoder))
 
 
-def run_translate(build: Build, tok: Tok, sc: Scenario, backend: str = "replay",
+def fake_models(folder: Path, recording: Path, options: int = 0,
+                types: dict | None = None) -> tuple[Path, Path]:
+    types = types or {}
+    folder.mkdir(parents=True, exist_ok=True)
+    return (replay.write_fake_model(folder / "enc.rknn", "encoder", recording, options, types.get("encoder")),
+            replay.write_fake_model(folder / "dec.rknn", "decoder", recording, options, types.get("decoder")))
+
+
+def run_translate(build: Build, tokenizer: Path, sc: Scenario, backend: str = "replay",
                   models: tuple[Path, Path] | None = None, extra: tuple[str, ...] = (),
                   env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     encoder, decoder = models or (sc.recording, Path("-"))
-    max_tokens = ("--max_tokens", str(sc.shapes.Tc)) if sc.shapes.kind == 1 else ()
+    max_tokens = ("--max_tokens", str(sc.meta.Tc)) if sc.meta.decoder == RECURRENT else ()
     return build.run("rk_translate", "--backend", backend, "--direction", sc.direction, *max_tokens, *extra,
-                     encoder, decoder, tok.bin, sc.embed, sc.text, env=env)
+                     encoder, decoder, tokenizer, sc.embed, sc.text, env=env)
 
 
 def output_ids(result: subprocess.CompletedProcess) -> list[int]:
@@ -469,47 +452,48 @@ def assert_translation(result: subprocess.CompletedProcess, sc: Scenario) -> Non
     assert output_ids(result) == sc.want_ids
     assert result.stdout.decode() == sc.want_text + "\n"
     timing = next(x for x in err.splitlines() if x.startswith("timing:"))
-    assert all(k in timing for k in ("tokenize", "encoder", "decoder", "mean", "total"))
+    assert all(k in timing for k in ("tokenize", "encoder", "decoder", "mean", "rknn_run", "host", "total"))
 
 
-@pytest.mark.parametrize("shapes", [RECURRENT, TRANSFORMER], ids=["recurrent", "transformer"])
+@pytest.mark.parametrize("kind", [RECURRENT, TRANSFORMER])
 @pytest.mark.parametrize("eos_at", [3, None], ids=["eos", "max_tokens"])
-def test_replay_loop_matches_python(build: Build, trimmed_tok: Tok, shapes: Shapes, eos_at: int | None,
+def test_replay_loop_matches_python(build: Build, trimmed_tok: Tok, kind: str, eos_at: int | None,
                                     tmp_path: Path) -> None:
     for seed, direction in ((1, "zh-en"), (2, "en-zh")):
-        sc = make_scenario(trimmed_tok, shapes, tmp_path / str(seed), seed, eos_at, direction)
-        assert len(sc.want_ids) == (eos_at if eos_at is not None else shapes.Tc)
-        assert_translation(run_translate(build, trimmed_tok, sc), sc)
-
-
-def write_fake_model(path: Path, role: int, options: int, recording: Path) -> Path:
-    path.write_bytes(b"RKFAKE1\0" + struct.pack("<2I", role, options) + str(recording).encode() + b"\0")
-    return path
-
-
-@pytest.mark.parametrize("shapes", [RECURRENT, TRANSFORMER], ids=["recurrent", "transformer"])
-@pytest.mark.parametrize("options", [0, 3], ids=["nchw_fp32", "nhwc_fp16"])
-def test_rknn_backend_on_fake_runtime(build: Build, trimmed_tok: Tok, shapes: Shapes, options: int,
-                                      tmp_path: Path) -> None:
-    """backend_rknn.c through the RKNN C API (test/fake_rknnrt.c): same tokens as the Python loop."""
-    sc = make_scenario(trimmed_tok, shapes, tmp_path, 5, 4)
-    models = (write_fake_model(tmp_path / "enc.rknn", 0, options, sc.recording),
-              write_fake_model(tmp_path / "dec.rknn", 1, options, sc.recording))
-    assert_translation(run_translate(build, trimmed_tok, sc, "rknn", models), sc)
+        sc = make_scenario(trimmed_tok, random_meta(trimmed_tok, kind), tmp_path / str(seed), seed, eos_at, direction)
+        assert len(sc.want_ids) == (eos_at if eos_at is not None else sc.meta.Tc)
+        assert_translation(run_translate(build, trimmed_tok.bin, sc), sc)
 
 
 def test_rknn_backend_errors(host: Build, trimmed_tok: Tok, tmp_path: Path) -> None:
-    sc = make_scenario(trimmed_tok, TRANSFORMER, tmp_path, 6, None)
-    enc = write_fake_model(tmp_path / "enc.rknn", 0, 0, sc.recording)
-    cases = {4: "rknn_run: RKNN_ERR_TIMEOUT (-2)", 8: "have V = "}
+    sc = make_scenario(trimmed_tok, random_meta(trimmed_tok, TRANSFORMER), tmp_path, 6, None)
+    cases = {replay.FAIL_THIRD_RUN: "rknn_run: RKNN_ERR_TIMEOUT (-2)", replay.WIDE_LOGITS: "have V = "}
     for option, message in cases.items():
-        dec = write_fake_model(tmp_path / f"dec{option}.rknn", 1, option, sc.recording)
-        result = run_translate(host, trimmed_tok, sc, "rknn", (enc, dec))
+        result = run_translate(host, trimmed_tok.bin, sc, "rknn", fake_models(tmp_path / str(option), sc.recording,
+                                                                              option))
         assert_clean_failure(result, f"option {option}")
         assert message in result.stderr.decode()
-    result = run_translate(host, trimmed_tok, sc, "rknn", (tmp_path / "missing.rknn", enc))
+    encoder, _ = fake_models(tmp_path, sc.recording)
+    result = run_translate(host, trimmed_tok.bin, sc, "rknn", (tmp_path / "missing.rknn", encoder))
     assert_clean_failure(result, "missing model")
     assert "rknn_init: RKNN_ERR_PARAM_INVALID" in result.stderr.decode()
+    result = run_translate(host, trimmed_tok.bin, sc, "rknn", (encoder, encoder), env={"RKNN_LIB": str(tmp_path)})
+    assert_clean_failure(result, "no librknnrt.so")
+    assert "librknnrt.so: cannot load it" in result.stderr.decode() and "/oem/usr/lib" in result.stderr.decode()
+
+
+def test_rknn_backend_names_the_runtime(host: Build, trimmed_tok: Tok, tmp_path: Path) -> None:
+    """RKNN_QUERY_SDK_VERSION goes to stderr first; a runtime that cannot say its version still translates."""
+    sc = make_scenario(trimmed_tok, random_meta(trimmed_tok, RECURRENT), tmp_path, 7, 2)
+    models = fake_models(tmp_path, sc.recording)
+    result = run_translate(host, trimmed_tok.bin, sc, "rknn", models)
+    assert_translation(result, sc)
+    first = result.stderr.decode().splitlines()[0]
+    assert first.startswith(VERSION_LINE + "api version 2.5.0 (fake_rknnrt), driver version 0.0.0 (fake)")
+    assert str(host.dir / "fake") in first
+    unknown = run_translate(host, trimmed_tok.bin, sc, "rknn", models, env={"FAKE_RKNN_CORRUPT": "enc.sdk.fail=1"})
+    assert_translation(unknown, sc)
+    assert "versions unknown, RKNN_QUERY_SDK_VERSION gave RKNN_ERR_FAIL" in unknown.stderr.decode()
 
 
 def _quantized(tensor: str, qnt_type: int, **fields: str) -> str:
@@ -517,52 +501,50 @@ def _quantized(tensor: str, qnt_type: int, **fields: str) -> str:
     return ",".join(f"dec.{tensor}.{k}={v}" for k, v in {"type": 2, "qnt_type": qnt_type, **fields}.items())
 
 
-# L and Tc whose cache [L, H=2, Tc, hd=4] has L*Tc*8 = 2^64 + 64 elements: 64 once a 64-bit product wraps.
-WRAP_L, WRAP_TC = 4294705160, 536903681
-WRAPPED_CACHE = ",".join([f"dec.{t}.{k}={v}" for t in ("cache_k", "cache_v", "new_cache_k", "new_cache_v")
-                          for k, v in (("dims0", WRAP_L), ("dims2", WRAP_TC), ("n_elems", 64), ("size", 256))]
-                         + [f"dec.cache_mask_bias.dims1={WRAP_TC}", f"dec.cache_mask_bias.n_elems={WRAP_TC}"])
+def _reshaped(model: str, tensor: str, dims: dict[int, int], elements: int) -> str:
+    """A consistent attribute (dims, n_elems, float32 size) of another shape than the contract's."""
+    return ",".join([f"{model}.{tensor}.dims{d}={v}" for d, v in dims.items()]
+                    + [f"{model}.{tensor}.n_elems={elements}", f"{model}.{tensor}.size={4 * elements}",
+                       f"{model}.{tensor}.size_with_stride={4 * elements}"])
+
 
 # FAKE_RKNN_CORRUPT (test/fake_rknnrt.c) -> what the runner's one-line error must say: the tensor and the attribute.
-# Transformer decoder: S = 24, D = 8, L = 2, H = 2, Tc = 10 (hd = 4); NCHW float32 unless corrupted.
+# random_meta's transformer: S 24, D 8, L 2, H 2 (hd 4), Tc 10: src_embeds [1, 24, 8], cross_k_l [1, 2, 24, 4],
+# self_k_l [1, 2, 9, 4], step_k_l [1, 2, 1, 4]; NCHW float32 unless corrupted.
 RKNN_CORRUPTIONS = {
     "enc.io.n_input=0": ("n_input 0",),
     "dec.io.n_input=4294967295": ("n_input 4294967295",),
-    "enc.io.n_output=9": ("n_output 9",),
+    "enc.io.n_output=200": ("n_output 200",),
     "dec.io.n_output=0": ("n_output 0",),
-    "dec.io.n_input=4": ("4 inputs and 3 outputs",),
-    "dec.io.n_input=7": ("rknn_query(INPUT_ATTR): RKNN_ERR_PARAM_INVALID",),  # the model has no input 6
-    "dec.cache_v.index=0": ("'cache_v'", "index is 0"),
-    "enc.enc_out.index=4294967295": ("'enc_out'", "index is 4294967295"),
+    "dec.io.n_input=4": ("4 inputs and 5 outputs",),
+    "enc.io.n_output=3": ("3 outputs; an encoder has 2 inputs and 2 outputs per decoder layer",),
+    "dec.io.n_input=12": ("rknn_query(INPUT_ATTR): RKNN_ERR_PARAM_INVALID",),  # the model has no input 11
+    "dec.self_v_0.index=0": ("'self_v_0'", "index is 0"),
+    "enc.cross_k_0.index=4294967295": ("'cross_k_0'", "index is 4294967295"),
     "dec.logits.n_dims=17": ("'logits'", "n_dims is 17"),
-    "enc.src_embeds.n_dims=4294967295": ("'src_embeds'", "n_dims is 4294967295"),
-    "enc.src_embeds.n_dims=2": ("'src_embeds'", "n_dims 2"),
-    "enc.src_embeds.n_dims=0": ("'src_embeds'", "n_dims 0"),
-    "enc.src_embeds.dims0=2": ("'src_embeds'", "dims [2, 24, 8]"),
-    "enc.src_embeds.dims1=0": ("'src_embeds'", "dims [1, 0, 8]"),
-    "enc.src_embeds.dims1=0xFFFFFFFF": ("'src_embeds'", "n_elems"),
-    "enc.src_embeds.dims2=0x40000000": ("'cache_k'", "D = 1073741824"),
-    "enc.src_mask_bias.dims1=25": ("'src_mask_bias'", "dims [1, 25]"),
-    "dec.enc_out.dims1=23": ("'enc_out'", "dims [1, 23, 8]"),
-    "dec.logits.dims1=0": ("'logits'", "dims [1, 0]"),
-    "dec.logits.dims1=0xFFFFFFFF": ("'logits'", "n_elems"),
-    "dec.logits.dims0=2": ("'logits'", "expected [1, "),
-    "dec.cache_k.dims0=0": ("'cache_k'", "dims [0, 2, 10, 4]"),
-    "dec.cache_k.dims1=0": ("'cache_k'", "dims [2, 0, 10, 4]"),
-    "dec.cache_k.dims2=0": ("'cache_k'", "dims [2, 2, 0, 4]"),
-    "dec.cache_k.dims3=3": ("'cache_k'", "H * hd"),
-    "dec.cache_k.dims1=0xFFFFFFFF": ("'cache_k'", "H * hd"),
-    "dec.cache_k.dims2=11": ("'cache_k'", "n_elems is 160"),
-    "dec.cache_v.dims2=11": ("'cache_v'", "dims [2, 2, 11, 4]"),
-    "dec.new_cache_v.dims3=3": ("'new_cache_v'", "dims [2, 2, 10, 3]"),
-    WRAPPED_CACHE: ("'cache_k'", "n_elems is 64"),
+    "enc.src_embeds.n_dims=0": ("'src_embeds'", "n_dims is 0"),
+    "enc.src_embeds.n_dims=2": ("'src_embeds'", "n_elems is 192, its dims [1, 24] make 24"),
+    "enc.src_embeds.dims0=2": ("'src_embeds'", "dims [2, 24, 8] make 384"),
+    "enc.src_embeds.dims1=0": ("'src_embeds'", "make 0"),
+    "enc.src_embeds.dims1=0xFFFFFFFF": ("'src_embeds'", "n_elems is 192"),
+    "dec.self_k_0.dims0=0xFFFFFFFF,dec.self_k_0.dims1=0xFFFFFFFF,dec.self_k_0.dims2=0xFFFFFFFF":
+        ("'self_k_0'", "or more"),
+    _reshaped("enc", "src_embeds", {1: 25}, 200): ("input 'src_mask' has shape [1, 24], expected [1, 25]",),
+    _reshaped("enc", "src_mask", {1: 25}, 25): ("input 'src_mask' has shape [1, 25], expected [1, 24]",),
+    _reshaped("enc", "cross_k_0", {3: 3}, 144): ("'cross_k_0'", "hd = 3, H * hd is not D = 8"),
+    _reshaped("dec", "cross_v_1", {2: 23}, 184): ("'cross_v_1' has shape [1, 2, 23, 4], expected [1, 2, 24, 4]",),
+    _reshaped("dec", "self_k_0", {3: 3}, 54): ("'self_k_0' has shape [1, 2, 9, 3], expected [1, 2, 9, 4]",),
+    _reshaped("dec", "step_v_1", {2: 2}, 16): ("'step_v_1' has shape [1, 2, 2, 4], expected [1, 2, 1, 4]",),
+    _reshaped("dec", "self_mask", {1: 1}, 1): ("'self_mask' has Tc = 1",),
+    _reshaped("dec", "tok_embeds", {2: 9}, 9): ("'tok_embeds' has shape [1, 1, 9], expected [1, 1, 8]",),
+    _reshaped("dec", "logits", {0: 2}, 2 * 1259): ("'logits' has shape [2, 1259], expected [1, 1259]",),
     "dec.tok_embeds.n_elems=0": ("'tok_embeds'", "n_elems is 0"),
-    "dec.tok_embeds.n_elems=0xFFFFFFFF": ("'tok_embeds'", "n_elems is 4294967295"),
-    "dec.enc_out.size=0": ("'enc_out'", "size is 0"),
+    "dec.cross_k_0.size=0": ("'cross_k_0'", "size is 0"),
     "dec.logits.size=1": ("'logits'", "size is 1"),
-    "dec.cache_mask_bias.fmt=2": ("'cache_mask_bias'", "fmt 2 (NC1HWC2)"),
-    "dec.cache_k.fmt=99": ("'cache_k'", "fmt 99"),
-    "dec.new_cache_k.fmt=1": ("'new_cache_k'", "(fmt NHWC), expected [2, 10, 4, 2]"),
+    "dec.self_mask.fmt=2": ("'self_mask'", "fmt 2 (NC1HWC2)"),
+    "dec.self_k_0.fmt=99": ("'self_k_0'", "fmt 99"),
+    "dec.step_k_0.fmt=1": ("'step_k_0' has shape [1, 4, 2, 1], expected [1, 2, 1, 4]",),  # NHWC read of NCHW dims
+    "dec.self_k_0.w_stride=3": ("'self_k_0'", "w_stride 3", "rows of 4 only"),
     "dec.logits.type=6": ("'logits'", "type 6"),
     "dec.logits.type=-1": ("'logits'", "type -1"),
     _quantized("tok_embeds", 0): ("'tok_embeds'", "qnt_type 0"),
@@ -575,61 +557,50 @@ RKNN_CORRUPTIONS = {
     _quantized("logits", 2, scale="0.1", zp="-2147483648"): ("'logits'", "zp -2147483648"),
     _quantized("logits", 2, scale="0.1", zp="-1", type="3"): ("'logits'", "zp -1"),
     _quantized("logits", 2, scale="0.1", zp="40000", type="4"): ("'logits'", "zp 40000"),
-    "dec.cache_v.name=cache_k": ("no input named 'cache_v'",),
-    "dec.logits.out_size=4": ("'logits'", "gave 4 bytes"),
-    "dec.new_cache_k.out_size=0xFFFFFFFF": ("'new_cache_k'", "gave 4294967295 bytes"),
-    "dec.new_cache_v.out_buf=0": ("'new_cache_v'", "no buffer"),
-    "enc.enc_out.out_buf=0": ("'enc_out'", "no buffer"),
+    "dec.self_v_0.name=self_k_0": ("no input named 'self_v_0'",),
+    "enc.mem.null=1": ("rknn_create_mem", "gave nothing"),
+    "dec.mem.short=1": ("rknn_create_mem", "a smaller buffer"),
+    "dec.logits.set_io_mem=-5": ("rknn_set_io_mem: RKNN_ERR_PARAM_INVALID (-5)",),
+    "enc.cross_v_1.set_io_mem=-4": ("rknn_set_io_mem: RKNN_ERR_MALLOC_FAIL (-4)",),
 }
 RKNN_CORRUPTIONS_RECURRENT = {
-    "dec.state.dims1=2": ("'state'", "dims [2, 2, 8]"),
-    "dec.state.dims0=0": ("'state'", "dims [0, 1, 8]"),
-    "dec.new_state.dims2=9": ("'new_state'", "dims [2, 1, 9]"),
-    "dec.new_state.n_elems=15": ("'new_state'", "n_elems is 15"),
+    _reshaped("dec", "state_0", {1: 9}, 9): ("'state_0' has shape [1, 9], expected [1, 8]",),
+    "dec.state_1.dims0=0": ("'state_1'", "make 0"),
+    "dec.new_state_1.n_elems=15": ("'new_state_1'", "n_elems is 15"),
+    "dec.new_state_0.name=state_9": ("no output named 'new_state_0'",),
 }
-# Attributes the runner must accept: quantized tensors with valid parameters (the runtime converts float32).
-RKNN_VALID_QUANTIZED = ",".join([_quantized("tok_embeds", 2, scale="0.05", zp="-3"),
-                                 _quantized("logits", 1, fl="5", type="3"),
-                                 "enc.src_embeds.type=4,enc.src_embeds.qnt_type=2,enc.src_embeds.scale=1e-3"])
 
 
 def test_rknn_backend_rejects_bad_attributes(host: Build, trimmed_tok: Tok, tmp_path: Path) -> None:
-    """Every value rknn_query reports is checked before it sizes a buffer or indexes: the fake runtime reports one
-    bad value at a time (FAKE_RKNN_CORRUPT) and the ASan build must exit with an error naming the tensor and the
-    attribute, never crash. Valid quantization parameters are accepted."""
+    """Every value rknn_query reports is checked before it sizes a buffer or indexes, and every failing call is
+    reported: the fake runtime reports one bad value or fails one call at a time (FAKE_RKNN_CORRUPT) and the ASan
+    build must exit with an error naming the tensor and the attribute, never crash."""
     runs = []
-    for shapes, table in ((TRANSFORMER, RKNN_CORRUPTIONS), (RECURRENT, RKNN_CORRUPTIONS_RECURRENT)):
-        folder = tmp_path / str(shapes.kind)
-        sc = make_scenario(trimmed_tok, shapes, folder, 10, 4)
-        models = (write_fake_model(folder / "enc.rknn", 0, 0, sc.recording),
-                  write_fake_model(folder / "dec.rknn", 1, 0, sc.recording))
+    for kind, table in ((TRANSFORMER, RKNN_CORRUPTIONS), (RECURRENT, RKNN_CORRUPTIONS_RECURRENT)):
+        sc = make_scenario(trimmed_tok, random_meta(trimmed_tok, kind), tmp_path / kind, 10, 4)
+        models = fake_models(tmp_path / kind, sc.recording)
         runs += [(sc, models, spec, words) for spec, words in table.items()]
-        runs.append((sc, models, RKNN_VALID_QUANTIZED, None))
 
     def run(item):
         sc, models, spec, _ = item
-        return run_translate(host, trimmed_tok, sc, "rknn", models, env={"FAKE_RKNN_CORRUPT": spec})
+        return run_translate(host, trimmed_tok.bin, sc, "rknn", models, env={"FAKE_RKNN_CORRUPT": spec})
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         results = list(pool.map(run, runs))
-    for (sc, _, spec, words), result in zip(runs, results):
-        if words is None:
-            assert_translation(result, sc)
-            continue
+    for (_, _, spec, words), result in zip(runs, results):
         assert_clean_failure(result, spec)
         err = result.stderr.decode()
         assert all(w in err for w in words), f"{spec}: expected {words} in\n{err}"
 
 
-def test_cmake_without_sdk_and_with_an_sdk_layout(trimmed_tok: Tok, tmp_path: Path) -> None:
-    """The two configurations a user builds. No SDK: replay only, and the rknn backend still compiles against
-    rknn_api_min.h. -DRKNN_SDK: rknn_api.h and librknnrt.so found in the SDK's include/ and lib/ folders; here a
-    stand-in SDK made of rknn_api_min.h and the fake runtime built as a shared library."""
+def test_cmake_default_build_and_an_sdk_layout(trimmed_tok: Tok, tmp_path: Path) -> None:
+    """The two configurations a user builds. Plain: the rknn backend (dlopen) is the default, replay beside it.
+    -DRKNN_SDK: rknn_api.h and librknnrt.so found in the SDK's include/ and lib/ folders and linked; here a stand-in
+    SDK made of rknn_api_min.h and the fake runtime built as a shared library."""
     plain = tmp_path / "plain"
     cmake_build(plain)
-    assert list(plain.rglob("backend_rknn.c.o")), "the rknn backend was not compile-checked"
     usage = subprocess.run([plain / "rk_translate", "--help"], capture_output=True)
-    assert usage.returncode == 0 and b"replay (default)" in usage.stdout and b"rknn" not in usage.stdout
+    assert usage.returncode == 0 and b"rknn (default) replay" in usage.stdout and b"RKNN_LIB" in usage.stdout
 
     sdk = tmp_path / "sdk"
     (sdk / "include").mkdir(parents=True)
@@ -637,31 +608,191 @@ def test_cmake_without_sdk_and_with_an_sdk_layout(trimmed_tok: Tok, tmp_path: Pa
     shutil.copy(RUNTIME / "rknn_api_min.h", sdk / "include" / "rknn_api.h")
     lib = subprocess.run(["gcc", "-std=c99", "-shared", "-fPIC", "-O1", "-I", str(RUNTIME), "-o",
                           str(sdk / "lib" / "librknnrt.so"), *(str(RUNTIME / f) for f in (
-                              "test/fake_rknnrt.c", "util.c", "backend_replay.c")), "-lm"],
+                              "test/fake_rknnrt.c", "util.c", "tensor.c", "recording.c")), "-lm"],
                          capture_output=True, text=True)
     assert lib.returncode == 0, lib.stderr
     with_sdk = Build(tmp_path / "with_sdk", ())
     cmake_build(with_sdk.dir, f"-DRKNN_SDK={sdk}")
-    sc = make_scenario(trimmed_tok, TRANSFORMER, tmp_path / "scenario", 9, 6)
-    models = (write_fake_model(tmp_path / "enc.rknn", 0, 1, sc.recording),
-              write_fake_model(tmp_path / "dec.rknn", 1, 1, sc.recording))
-    assert_translation(run_translate(with_sdk, trimmed_tok, sc, "rknn", models), sc)
+    sc = make_scenario(trimmed_tok, random_meta(trimmed_tok, TRANSFORMER), tmp_path / "scenario", 9, 6)
+    result = run_translate(with_sdk, trimmed_tok.bin, sc, "rknn", fake_models(tmp_path, sc.recording),
+                           env={"RKNN_LIB": "/nonexistent"})  # linked: RKNN_LIB is not consulted
+    assert_translation(result, sc)
+    assert "linked at build time" in result.stderr.decode().splitlines()[0]
 
 
 def test_runner_usage_errors(host: Build, trimmed_tok: Tok, tmp_path: Path) -> None:
-    sc = make_scenario(trimmed_tok, TRANSFORMER, tmp_path, 7, 2)
+    sc = make_scenario(trimmed_tok, random_meta(trimmed_tok, TRANSFORMER), tmp_path, 7, 2)
     too_long = "文件 " * 60
-    bad = {("--direction", "fr-en"): "neither", ("--backend", "cuda"): "no backend", ("--max_tokens", "0"): "positive",
+    bad = {("--direction", "fr-en"): "neither", ("--backend", "cuda"): "choose rknn or replay",
+           ("--max_tokens", "0"): "positive", ("--bench", "-1"): "positive",
            ("--max_tokens", "11"): "cache holds Tc = 10", ("--frobnicate", "1"): "unknown option"}
     for extra, message in bad.items():
-        result = run_translate(host, trimmed_tok, sc, extra=extra)
+        result = run_translate(host, trimmed_tok.bin, sc, extra=extra)
         assert result.returncode != 0 and message in result.stderr.decode(), (extra, result.stderr)
-    long_sc = Scenario(sc.shapes, too_long, sc.direction, sc.recording, sc.embed, [], "")
-    result = run_translate(host, trimmed_tok, long_sc)
+    long_sc = Scenario(sc.meta, too_long, sc.direction, sc.recording, sc.embed, [], "", 0)
+    result = run_translate(host, trimmed_tok.bin, long_sc)
     assert_clean_failure(result, "too long")
     assert "at most S = 24" in result.stderr.decode()
     help_text = host.run("rk_translate", "--help")
-    assert help_text.returncode == 0 and b"--direction" in help_text.stdout and b"rknn" in help_text.stdout
+    assert help_text.returncode == 0 and b"--direction" in help_text.stdout and b"--bench" in help_text.stdout
+
+
+def bench_line(result: subprocess.CompletedProcess) -> dict[str, str]:
+    line = next(x for x in result.stderr.decode().splitlines() if x.startswith("bench: "))
+    return dict(item.split("=", 1) for item in line[len("bench: "):].split())
+
+
+def test_bench_reports_run_and_host_time_apart(build: Build, trimmed_tok: Tok, tmp_path: Path) -> None:
+    """--bench N: the sentence N more times on the fake runtime (host and qemu), per-token rknn_run (wall clock and
+    RKNN_QUERY_PERF_RUN) and host time apart; a runtime without PERF_RUN says n/a."""
+    sc = make_scenario(trimmed_tok, random_meta(trimmed_tok, TRANSFORMER), tmp_path, 3, 5)
+    result = run_translate(build, trimmed_tok.bin, sc, "rknn", fake_models(tmp_path, sc.recording),
+                           extra=("--bench", "3"))
+    assert_translation(result, sc)
+    fields = bench_line(result)
+    assert (fields["runs"], fields["tokens"], fields["backend"]) == ("3", str(sc.steps), "rknn")
+    assert 0 < float(fields["run_ms"]) <= float(fields["per_token_ms"])
+    assert 0 <= float(fields["perf_run_ms"]) <= float(fields["run_ms"]) and float(fields["host_ms"]) > 0
+    assert float(fields["encoder_run_ms"]) <= float(fields["encoder_ms"])
+    without = run_translate(build, trimmed_tok.bin, sc, "rknn",
+                            fake_models(tmp_path / "no_perf", sc.recording, replay.NO_PERF_RUN), extra=("--bench", "1"))
+    assert bench_line(without)["perf_run_ms"] == "n/a"
+
+
+# --------------------------------------------------------------------------- the runner on exported graphs
+
+N_SENTENCES = 3
+# I/O of the board's models: (fake options, types). int8: the calibration's affine ranges; mixed: int8 for most,
+# int16 logits, uint8 caches and DFP embeddings, each graph's inputs from a range 10% wider than its producer's
+# outputs (as its own calibration would see), so every conversion between quantizations runs.
+IO_VARIANTS = {"fp32_nchw": (0, "fp32"), "fp16_nhwc": (replay.NHWC, "fp16"),
+               "int8_nhwc_padded": (replay.NHWC | replay.PADDED_ROWS, "int8"), "mixed_nchw": (0, "mixed")}
+
+
+@dataclass
+class BoardModel:
+    """An exported student as the runner test needs it: its graphs in onnxruntime and the sentences to decode."""
+    meta: backends.DeployMeta
+    tables: backends.EmbedTables
+    embed: Path
+    onnx: backends.OnnxStepModel
+    tokenizer_bin: Path
+    hf: object
+    vocab: data.VocabMap
+    requests: list[tuple[str, int, list[int]]]  # text, direction, source ids
+    ranges: dict[tuple[str, str], tuple[float, float]]  # (graph, tensor) -> observed min, max
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode([self.vocab.teacher_ids[i] for i in ids], skip_special_tokens=True)
+
+
+def observed_ranges(model: backends.StepModel, tables, meta, requests) -> dict[tuple[str, str], tuple[float, float]]:
+    recorder = backends.Recorder(model)
+    for _, direction, source in requests:
+        backends.greedy(recorder, tables, meta, source, direction)
+    ranges: dict[tuple[str, str], tuple[float, float]] = {}
+    for sentence in recorder.sentences:
+        for graph, calls in (("encoder", [sentence.encoder]), ("decoder", sentence.decoder)):
+            for call in calls:
+                for name, value in {**call.inputs, **call.outputs}.items():
+                    low, high = ranges.get((graph, name), (0.0, 0.0))
+                    ranges[graph, name] = (min(low, float(value.min())), max(high, float(value.max())))
+    return ranges
+
+
+def io_types(model: BoardModel, variant: str) -> dict[str, dict[str, replay.TensorType]]:
+    kind = IO_VARIANTS[variant][1]
+    if kind == "fp32":
+        return {}
+    io = backends.contract_io(model.meta)
+    types: dict[str, dict[str, replay.TensorType]] = {}
+    for graph, (inputs, outputs) in io.items():
+        types[graph] = {}
+        for name in [*inputs, *outputs]:
+            low, high = model.ranges[graph, name]
+            if kind == "fp16":
+                types[graph][name] = replay.TensorType(replay.FLOAT16)
+            elif kind == "int8" or name in outputs:
+                types[graph][name] = replay.affine(low, high, replay.INT16 if kind == "mixed" and name == "logits"
+                                                   else replay.INT8)
+            elif name.endswith("_embeds"):  # DFP: the fraction bits that still fit the largest value
+                fl = int(np.floor(np.log2(127 / max(abs(low), abs(high)))))
+                types[graph][name] = replay.TensorType(replay.INT8, replay.QNT_DFP, fl=fl)
+            else:
+                types[graph][name] = replay.affine(1.1 * low, 1.1 * high,
+                                                   replay.UINT8 if name.startswith("self_") else replay.INT8)
+    return types
+
+
+@pytest.fixture(scope="session")
+def board_models(exported: dict[str, backends.Dist], small_corpus: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> dict[str, BoardModel]:
+    from transformers import AutoTokenizer
+
+    models = {}
+    for kind, dist in exported.items():
+        meta, tables = backends.DeployMeta.load(dist.meta), backends.EmbedTables.load(dist.embed)
+        hf, vocab = AutoTokenizer.from_pretrained(dist.tokenizer), data.VocabMap.load(dist.tokenizer)
+        builder = data.ExampleBuilder(hf, vocab, meta.S, meta.Tc)
+        tokenizer_bin = tmp_path_factory.mktemp(f"board_{kind}") / "tokenizer.bin"
+        tb.write_tokenizer_bin(dist.tokenizer, dist.tokenizer / data.VocabMap.FILE, tokenizer_bin)
+        requests = []
+        for i, pair in enumerate(data.read_pairs(small_corpus / "test.jsonl")[:N_SENTENCES]):
+            text = pair.side(DIRECTIONS[i % 2].split("-")[0]).strip()
+            requests.append((text, i % 2, builder.student_ids(text)))
+        onnx = backends.OnnxStepModel(dist.onnx)
+        models[kind] = BoardModel(meta, tables, dist.embed, onnx, tokenizer_bin, hf, vocab, requests,
+                                  observed_ranges(onnx, tables, meta, requests))
+    return models
+
+
+def check_fake_stats(path: Path, steps: int) -> None:
+    """Buffers bound once at load and freed at the end; the source mask and the cross-attention keys/values written
+    once per sentence, never touched by a step."""
+    encoder, decoder = (json.loads(line) for line in path.read_text().splitlines())
+    for stats in (encoder, decoder):
+        assert stats["set_io_mem"] == stats["create_mem"] == stats["destroy_mem"] == stats["tensors"], stats
+    assert encoder["runs"] == 1 and decoder["runs"] == steps
+    constant = {name: n for name, n in decoder["changed"].items() if name == "src_mask" or name.startswith("cross_")}
+    assert len(constant) == 1 + 2 * sum(name.startswith("cross_k_") for name in constant) > 1
+    assert not any(constant.values()), constant
+    if steps > 1:
+        assert decoder["changed"]["tok_embeds"] > 0  # the counter sees what a step does change
+
+
+def decode_on_fake_runtime(build: Build, model: BoardModel, variant: str, folder: Path,
+                           requests: list[tuple[str, int, list[int]]]) -> None:
+    options = IO_VARIANTS[variant][0]
+    types = io_types(model, variant)
+    for i, (text, direction, source) in enumerate(requests):
+        want, sentence = record_greedy(model.onnx, types, model.tables, model.meta, source, direction)
+        recording = replay.write_recording(folder / f"recording{i}.bin", model.meta, sentence)
+        stats = folder / f"stats{i}.jsonl"
+        sc = Scenario(model.meta, text, DIRECTIONS[direction], recording, model.embed, want, model.decode(want),
+                      len(sentence.decoder))
+        result = run_translate(build, model.tokenizer_bin, sc, "rknn", fake_models(folder / str(i), recording,
+                                                                                     options, types),
+                               extra=("--max_tokens", str(model.meta.Tc)), env={"FAKE_RKNN_STATS": str(stats)})
+        assert_translation(result, sc)
+        check_fake_stats(stats, sc.steps)
+
+
+@pytest.mark.parametrize("variant", IO_VARIANTS)
+@pytest.mark.parametrize("kind", [TRANSFORMER, RECURRENT])
+def test_runner_matches_onnxruntime_greedy(host: Build, board_models: dict[str, BoardModel], kind: str, variant: str,
+                                           tmp_path: Path) -> None:
+    """rk_translate on the fake runtime serving real exported graphs' onnxruntime outputs, in the board model's I/O
+    types and layouts: the Python greedy decoder's tokens, every input the runner set checked on the way."""
+    model = board_models[kind]
+    decode_on_fake_runtime(host, model, variant, tmp_path, model.requests)
+
+
+@pytest.mark.parametrize("variant", ["fp16_nhwc", "mixed_nchw"])
+@pytest.mark.parametrize("kind", [TRANSFORMER, RECURRENT])
+def test_runner_matches_onnxruntime_greedy_under_qemu(arm: Build, board_models: dict[str, BoardModel], kind: str,
+                                                      variant: str, tmp_path: Path) -> None:
+    model = board_models[kind]
+    decode_on_fake_runtime(arm, model, variant, tmp_path, model.requests[:1])
 
 
 # --------------------------------------------------------------------------- fuzzing
@@ -672,7 +803,7 @@ TOKENIZER_FIELDS = ["version", "crc", "flags", "pattern", "T", "V", "M", "A", "p
                                   "TOKEN_BYTES", "VOCAB_INDEX", "ADDED", "CATEGORIES", "CCC", "DECOMP", "DECOMP_POOL",
                                   "COMPOSE") for part in ("offset", "size")]
 EMBED_FIELDS = ["vocab", "dim", "n_directions", "max_positions"]
-RECORDING_FIELDS = ["kind", "S", "D", "V", "L", "H", "Tc", "n_steps"]
+RECORDING_FIELDS = ["n_steps", "encoder inputs", "name length"]  # after the magic; names follow
 
 
 @dataclass(frozen=True)
@@ -752,6 +883,19 @@ def tokenizer_section_cases(blob: bytes) -> list[FuzzCase]:
     return cases
 
 
+def data_start(recording: bytes) -> int:
+    """Where an RKRPL2 recording's floats begin: after the magic, n_steps and the four tensor lists."""
+    at = 12
+    for _ in range(4):
+        (count,) = struct.unpack_from("<I", recording, at)
+        at += 4
+        for _ in range(count):
+            (length,) = struct.unpack_from("<I", recording, at)
+            (rank,) = struct.unpack_from("<I", recording, at + 4 + length)
+            at += 8 + length + 4 * rank
+    return at
+
+
 def fuzz_cases(tokenizer: bytes, embed: bytes, recording: bytes) -> list[FuzzCase]:
     rng = random.Random(1234)
     sections = [struct.unpack_from("<2I", tokenizer, 56 + 8 * k) for k in range(13)]
@@ -764,9 +908,8 @@ def fuzz_cases(tokenizer: bytes, embed: bytes, recording: bytes) -> list[FuzzCas
             + structural_cases("embed", embed, 24, EMBED_FIELDS, tables, checksum=False)
             + [FuzzCase("embed", "header whose table size wraps 64 bits to the file's", overflow, True)]
             + random_cases("embed", embed, rng, 40, checksum=False)
-            # H only splits D into heads, which replaying never needs: a recording with another H still replays.
-            + structural_cases("recording", recording, 40, RECORDING_FIELDS, [40], checksum=False,
-                               lenient_fields=("H",))
+            + structural_cases("recording", recording, 20, RECORDING_FIELDS, [data_start(recording)],
+                               checksum=False)
             + random_cases("recording", recording, rng, 40, checksum=False))
 
 
@@ -774,7 +917,7 @@ def test_fuzz_inputs_fail_cleanly(host: Build, trimmed_tok: Tok, tmp_path: Path)
     """Truncated and corrupted tokenizer.bin, embed.bin and recordings, systematically (fuzz_cases): the ASan build
     never crashes or reports; structural damage exits non-zero with a one-line error; damage that may land in plain
     data fails the same clean way or translates."""
-    sc = make_scenario(trimmed_tok, TRANSFORMER, tmp_path / "base", 8, 5)
+    sc = make_scenario(trimmed_tok, random_meta(trimmed_tok, TRANSFORMER), tmp_path / "base", 8, 5)
     cases = fuzz_cases(trimmed_tok.bin.read_bytes(), sc.embed.read_bytes(), sc.recording.read_bytes())
     assert len(cases) > 600
 
@@ -782,10 +925,9 @@ def test_fuzz_inputs_fail_cleanly(host: Build, trimmed_tok: Tok, tmp_path: Path)
         i, case = item
         path = tmp_path / f"{case.file}_{i}.bin"
         path.write_bytes(case.blob)
-        tok = Tok(path if case.file == "tokenizer" else trimmed_tok.bin, trimmed_tok.hf, trimmed_tok.vocab)
-        scenario = Scenario(sc.shapes, sc.text, sc.direction, path if case.file == "recording" else sc.recording,
-                            path if case.file == "embed" else sc.embed, sc.want_ids, sc.want_text)
-        result = run_translate(host, tok, scenario)
+        scenario = Scenario(sc.meta, sc.text, sc.direction, path if case.file == "recording" else sc.recording,
+                            path if case.file == "embed" else sc.embed, sc.want_ids, sc.want_text, sc.steps)
+        result = run_translate(host, path if case.file == "tokenizer" else trimmed_tok.bin, scenario)
         path.unlink()
         return result
 

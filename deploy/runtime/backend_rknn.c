@@ -1,54 +1,41 @@
-/* The RKNN backend: encoder.rknn and decoder.rknn on the NPU through the RKNN C API (librknnrt).
+/* The RKNN backend: encoder.rknn and decoder.rknn on the NPU through the RKNN C API (librknnrt, rknn_runtime.h).
 
-   Every tensor attribute is checked against docs/CONTRACTS.md before the first run, and every call's return code is
-   checked and reported by name. Inputs are given as float32 with pass_through = 0, so the runtime converts them to
-   whatever the model was built with (fp16, int8); outputs are asked for as float32 (want_float = 1). */
-#ifdef RKT_RKNN_SDK_HEADER
-#include <rknn_api.h>
-#else
-#include "rknn_api_min.h"
-#endif
-
+   Every tensor attribute is checked before anything is sized or indexed with it, then every input and output gets a
+   zero-copy buffer (rknn_create_mem + rknn_set_io_mem) in the model's own type and layout, so no call copies or
+   converts a tensor behind the runner's back. Per sentence: the source goes in, the encoder runs, its cross-attention
+   keys/values and the source mask are put into the decoder's buffers once. Per step: one embedding row is converted
+   in, rknn_run, the argmax is read off the logits in their own type, and the carried state moves in place (caches
+   shifted with memmove, the step's key/value appended; recurrent states copied). The runtime flushes and invalidates
+   the buffers' CPU caches around rknn_run itself (rknn_init's flags leave it on), so no rknn_mem_sync is needed. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "backend.h"
+#include "contract.h"
+#include "rknn_runtime.h"
+#include "tensor.h"
 #include "util.h"
-
-#define MAX_IO 8 /* the decoder has at most 6 inputs and 3 outputs */
 
 typedef struct {
     const char *path;
     rknn_context ctx;
     int initialized;
-    rknn_input_output_num io;
-    rknn_tensor_attr in[MAX_IO], out[MAX_IO];
+    uint32_t n_in, n_out;
+    rknn_tensor_attr *attr; /* inputs, then outputs */
+    rkt_shape *shape;       /* the same tensors in NCHW order, for the contract */
+    rknn_tensor_mem **mem;
+    rkt_tensor *view; /* the mems in the model's type and layout */
 } model;
 
-/* One tensor the loop exchanges with a model: its attribute index and, for 4-D tensors the runtime lays out as
-   NHWC, the fact that outputs must be transposed back to NCHW. */
 typedef struct {
-    uint32_t index, count;
-    int nhwc;
-    uint32_t nchw[4]; /* 4-D outputs: the NCHW shape, for the transpose */
-} binding;
-
-typedef struct {
+    rkt_rknn_api api;
     model enc, dec;
-    rkt_dims dims;
-    binding src_embeds, src_mask_bias, enc_out;            /* encoder */
-    binding d_in[6], d_out[3];                             /* decoder, in the order of the names below */
-    uint32_t n_dec_in, n_dec_out;
-    float *scratch; /* NHWC output before its transpose */
+    rkt_contract c;
+    int measure;
+    rkt_runtime_time time;
 } rknn_backend;
-
-static const char *const recurrent_in[] = {"tok_embeds", "enc_out", "src_mask_bias", "state"};
-static const char *const recurrent_out[] = {"logits", "new_state"};
-static const char *const transformer_in[] = {"tok_embeds", "enc_out", "src_mask_bias", "cache_k", "cache_v",
-                                             "cache_mask_bias"};
-static const char *const transformer_out[] = {"logits", "new_cache_k", "new_cache_v"};
 
 static const char *error_name(int ret)
 {
@@ -77,95 +64,9 @@ static int check(const model *m, const char *call, int ret)
     return 0;
 }
 
-static int query_attrs(model *m, rknn_query_cmd cmd, rknn_tensor_attr *attrs, uint32_t n)
+static const char *kind(const model *m, uint32_t i)
 {
-    const char *kind = cmd == RKNN_QUERY_INPUT_ATTR ? "input" : "output";
-    uint32_t i;
-    for (i = 0; i < n; i++) {
-        memset(&attrs[i], 0, sizeof attrs[i]);
-        attrs[i].index = i;
-        if (check(m, cmd == RKNN_QUERY_INPUT_ATTR ? "rknn_query(INPUT_ATTR)" : "rknn_query(OUTPUT_ATTR)",
-                  rknn_query(m->ctx, cmd, &attrs[i], sizeof attrs[i])))
-            return -1;
-        attrs[i].name[RKNN_MAX_NAME_LEN - 1] = '\0'; /* printed and compared below */
-        /* dims[] is read up to n_dims and index names the tensor in rknn_inputs_set / rknn_outputs_get. */
-        if (attrs[i].index != i)
-            return rkt_fail(m->path, "%s %u ('%s'): attribute index is %u, queried %u", kind, i, attrs[i].name,
-                            attrs[i].index, i);
-        if (attrs[i].n_dims > RKNN_MAX_DIMS)
-            return rkt_fail(m->path, "%s %u ('%s'): n_dims is %u, more than RKNN_MAX_DIMS (%d)", kind, i,
-                            attrs[i].name, attrs[i].n_dims, RKNN_MAX_DIMS);
-    }
-    return 0;
-}
-
-static int init_model(model *m, const char *path)
-{
-    m->path = path;
-    /* size 0: `model` is a path and the runtime reads the file itself. */
-    if (check(m, "rknn_init", rknn_init(&m->ctx, (void *)path, 0, 0, NULL)))
-        return -1;
-    m->initialized = 1;
-    if (check(m, "rknn_query(IN_OUT_NUM)", rknn_query(m->ctx, RKNN_QUERY_IN_OUT_NUM, &m->io, sizeof m->io)))
-        return -1;
-    /* Checked before the attributes are queried into in[MAX_IO] / out[MAX_IO]. */
-    if (!m->io.n_input || m->io.n_input > MAX_IO || !m->io.n_output || m->io.n_output > MAX_IO)
-        return rkt_fail(path, "rknn_query(IN_OUT_NUM): n_input %u, n_output %u; the runner's models have 2-6 inputs "
-                        "and 1-3 outputs", m->io.n_input, m->io.n_output);
-    return query_attrs(m, RKNN_QUERY_INPUT_ATTR, m->in, m->io.n_input) ||
-           query_attrs(m, RKNN_QUERY_OUTPUT_ATTR, m->out, m->io.n_output);
-}
-
-static void destroy_model(model *m)
-{
-    if (m->initialized)
-        check(m, "rknn_destroy", rknn_destroy(m->ctx));
-    m->initialized = 0;
-}
-
-static void rknn_release(void *ctx)
-{
-    rknn_backend *b = ctx;
-    if (!b)
-        return;
-    destroy_model(&b->enc);
-    destroy_model(&b->dec);
-    free(b->scratch);
-    free(b);
-}
-
-static void *rknn_load(const char *encoder_path, const char *decoder_path)
-{
-    rknn_backend *b = rkt_calloc(1, sizeof *b, "rknn");
-    if (b && (init_model(&b->enc, encoder_path) || init_model(&b->dec, decoder_path))) {
-        rknn_release(b);
-        return NULL;
-    }
-    return b;
-}
-
-static const rknn_tensor_attr *find(const model *m, int input, const char *name, uint32_t *index)
-{
-    const rknn_tensor_attr *attrs = input ? m->in : m->out;
-    uint32_t i, n = input ? m->io.n_input : m->io.n_output;
-    for (i = 0; i < n; i++)
-        if (strcmp(attrs[i].name, name) == 0) {
-            *index = i;
-            return &attrs[i];
-        }
-    rkt_fail(m->path, "no %s named '%s' (CONTRACTS.md names; was the ONNX exported by deploy/export_onnx.py?)",
-             input ? "input" : "output", name);
-    return NULL;
-}
-
-static void shape_str(char *buf, size_t size, const uint32_t *dims, uint32_t n)
-{
-    uint32_t i;
-    size_t used = (size_t)snprintf(buf, size, "[");
-    for (i = 0; i < n && used < size; i++)
-        used += (size_t)snprintf(buf + used, size - used, i ? ", %u" : "%u", dims[i]);
-    if (used < size)
-        snprintf(buf + used, size - used, "]");
+    return i < m->n_in ? "input" : "output";
 }
 
 static const char *format_name(int fmt)
@@ -179,255 +80,360 @@ static const char *format_name(int fmt)
     }
 }
 
-/* Bytes per element of the tensor types the runtime converts float32 to and from; 0 for any other type. */
-static uint32_t type_bytes(int type)
+/* ------------------------------------------------------------------ loading */
+
+static void print_versions(rknn_backend *b)
+{
+    rknn_sdk_version v;
+    int ret;
+    memset(&v, 0, sizeof v);
+    ret = b->api.query(b->enc.ctx, RKNN_QUERY_SDK_VERSION, &v, sizeof v);
+    v.api_version[sizeof v.api_version - 1] = v.drv_version[sizeof v.drv_version - 1] = '\0';
+    if (ret == RKNN_SUCC)
+        fprintf(stderr, "librknnrt: api version %s, driver version %s (%s)\n", v.api_version, v.drv_version,
+                b->api.library);
+    else
+        fprintf(stderr, "librknnrt: versions unknown, RKNN_QUERY_SDK_VERSION gave %s (%d) (%s)\n", error_name(ret),
+                ret, b->api.library);
+}
+
+static int query_attrs(rknn_backend *b, model *m)
+{
+    uint32_t i;
+    for (i = 0; i < m->n_in + m->n_out; i++) {
+        rknn_tensor_attr *a = &m->attr[i];
+        uint32_t index = i < m->n_in ? i : i - m->n_in;
+        int input = i < m->n_in;
+        memset(a, 0, sizeof *a);
+        a->index = index;
+        if (check(m, input ? "rknn_query(INPUT_ATTR)" : "rknn_query(OUTPUT_ATTR)",
+                  b->api.query(m->ctx, input ? RKNN_QUERY_INPUT_ATTR : RKNN_QUERY_OUTPUT_ATTR, a, sizeof *a)))
+            return -1;
+        a->name[RKNN_MAX_NAME_LEN - 1] = '\0'; /* printed and compared below */
+        if (a->index != index)
+            return rkt_fail(m->path, "%s %u ('%s'): attribute index is %u, queried %u", kind(m, i), index, a->name,
+                            a->index, index);
+    }
+    return 0;
+}
+
+static int init_model(rknn_backend *b, model *m, const char *path)
+{
+    rknn_input_output_num io;
+    m->path = path;
+    /* size 0: `model` is a path and the runtime reads the file itself. */
+    if (check(m, "rknn_init", b->api.init(&m->ctx, (void *)path, 0, 0, NULL)))
+        return -1;
+    m->initialized = 1;
+    if (m == &b->enc)
+        print_versions(b);
+    memset(&io, 0, sizeof io);
+    if (check(m, "rknn_query(IN_OUT_NUM)", b->api.query(m->ctx, RKNN_QUERY_IN_OUT_NUM, &io, sizeof io)))
+        return -1;
+    if (!io.n_input || io.n_input > RKT_MAX_IO || !io.n_output || io.n_output > RKT_MAX_IO)
+        return rkt_fail(path, "rknn_query(IN_OUT_NUM): n_input %u, n_output %u; the runner's models have 1 to %d of "
+                        "each", io.n_input, io.n_output, RKT_MAX_IO);
+    m->n_in = io.n_input;
+    m->n_out = io.n_output;
+    if (!(m->attr = rkt_calloc(m->n_in + m->n_out, sizeof *m->attr, path)) ||
+        !(m->shape = rkt_calloc(m->n_in + m->n_out, sizeof *m->shape, path)) ||
+        !(m->mem = rkt_calloc(m->n_in + m->n_out, sizeof *m->mem, path)) ||
+        !(m->view = rkt_calloc(m->n_in + m->n_out, sizeof *m->view, path)))
+        return -1;
+    return query_attrs(b, m);
+}
+
+static void destroy_model(rknn_backend *b, model *m)
+{
+    uint32_t i;
+    /* The buffers belong to the context: they go first. */
+    for (i = 0; m->mem && i < m->n_in + m->n_out; i++)
+        if (m->mem[i])
+            check(m, "rknn_destroy_mem", b->api.destroy_mem(m->ctx, m->mem[i]));
+    if (m->initialized)
+        check(m, "rknn_destroy", b->api.destroy(m->ctx));
+    free(m->attr);
+    free(m->shape);
+    free(m->mem);
+    free(m->view);
+    memset(m, 0, sizeof *m);
+}
+
+static void rknn_release(void *ctx)
+{
+    rknn_backend *b = ctx;
+    if (!b)
+        return;
+    destroy_model(b, &b->enc);
+    destroy_model(b, &b->dec);
+    rkt_rknn_api_close(&b->api);
+    free(b);
+}
+
+static void *rknn_load(const char *encoder_path, const char *decoder_path, int measure)
+{
+    rknn_backend *b = rkt_calloc(1, sizeof *b, "rknn");
+    if (!b)
+        return NULL;
+    b->measure = measure;
+    b->time.decoder_perf_us = measure ? 0.0 : -1.0;
+    if (rkt_rknn_api_open(&b->api)) {
+        free(b);
+        return NULL;
+    }
+    if (init_model(b, &b->enc, encoder_path) || init_model(b, &b->dec, decoder_path)) {
+        rknn_release(b);
+        return NULL;
+    }
+    return b;
+}
+
+/* ------------------------------------------------------------------ attributes -> tensors */
+
+static int dtype_of(int type, rkt_dtype *dtype)
 {
     switch (type) {
-    case RKNN_TENSOR_FLOAT32: return 4;
-    case RKNN_TENSOR_FLOAT16: case RKNN_TENSOR_INT16: return 2;
-    case RKNN_TENSOR_INT8: case RKNN_TENSOR_UINT8: return 1;
-    default: return 0;
+    case RKNN_TENSOR_FLOAT32: *dtype = RKT_F32; return 0;
+    case RKNN_TENSOR_FLOAT16: *dtype = RKT_F16; return 0;
+    case RKNN_TENSOR_INT8: *dtype = RKT_I8; return 0;
+    case RKNN_TENSOR_UINT8: *dtype = RKT_U8; return 0;
+    case RKNN_TENSOR_INT16: *dtype = RKT_I16; return 0;
+    default: return -1;
     }
 }
 
-/* A quantized tensor's parameters, which the runtime uses to convert our float32 to and from it. */
-static int check_quantization(const model *m, const char *kind, const char *name, const rknn_tensor_attr *a)
+/* A quantized tensor's parameters, with which the runner converts values to and from its codes. */
+static int quantization(const model *m, uint32_t i, rkt_tensor *t)
 {
-    int32_t lo = a->type == RKNN_TENSOR_INT8 ? -128 : a->type == RKNN_TENSOR_UINT8 ? 0 : -32768,
-            hi = a->type == RKNN_TENSOR_INT8 ? 127 : a->type == RKNN_TENSOR_UINT8 ? 255 : 32767;
-    if (a->type == RKNN_TENSOR_FLOAT32 || a->type == RKNN_TENSOR_FLOAT16)
+    const rknn_tensor_attr *a = &m->attr[i];
+    int32_t lo = t->dtype == RKT_I8 ? -128 : t->dtype == RKT_U8 ? 0 : -32768,
+            hi = t->dtype == RKT_I8 ? 127 : t->dtype == RKT_U8 ? 255 : 32767;
+    if (t->dtype == RKT_F32 || t->dtype == RKT_F16)
         return 0; /* zp / scale unused */
-    if (a->qnt_type == RKNN_TENSOR_QNT_DFP)
-        return 0; /* scale 2^-fl: finite for every int8 fl */
+    if (a->qnt_type == RKNN_TENSOR_QNT_DFP) {
+        t->scale = ldexpf(1.0f, -a->fl); /* value = q * 2^-fl: finite for every int8 fl */
+        return 0;
+    }
     if (a->qnt_type != RKNN_TENSOR_QNT_AFFINE_ASYMMETRIC)
         return rkt_fail(m->path, "%s '%s': qnt_type %d, a quantized tensor needs DFP (1) or affine asymmetric (2)",
-                        kind, name, (int)a->qnt_type);
+                        kind(m, i), a->name, (int)a->qnt_type);
     if (!isfinite(a->scale) || a->scale <= 0.0f)
-        return rkt_fail(m->path, "%s '%s': scale %g is not a positive finite number", kind, name, (double)a->scale);
+        return rkt_fail(m->path, "%s '%s': scale %g is not a positive finite number", kind(m, i), a->name,
+                        (double)a->scale);
     if (a->zp < lo || a->zp > hi)
-        return rkt_fail(m->path, "%s '%s': zero point zp %d is outside the type's range %d..%d", kind, name,
+        return rkt_fail(m->path, "%s '%s': zero point zp %d is outside the type's range %d..%d", kind(m, i), a->name,
                         (int)a->zp, (int)lo, (int)hi);
+    t->scale = a->scale;
+    t->zp = a->zp;
     return 0;
 }
 
-/* Checks one tensor's attributes against the NCHW shape the loop uses before anything is sized from them:
-   fmt (4-D tensors may be NHWC, dims then in that order), n_dims and dims, n_elems, type, size and the
-   quantization parameters. */
-static int bind(const model *m, int input, const char *name, const uint32_t *want, uint32_t n, binding *out)
+/* Checks tensor i's attributes and fills its NCHW shape and its view's type and layout (data comes later):
+   fmt (4-D tensors may be NHWC, their dims then in that order), n_dims and dims, n_elems, type, quantization,
+   w_stride and size, each before anything is sized from it. */
+static int describe(const model *m, uint32_t i)
 {
-    const rknn_tensor_attr *a = find(m, input, name, &out->index);
-    const char *kind = input ? "input" : "output";
+    const rknn_tensor_attr *a = &m->attr[i];
+    rkt_shape *s = &m->shape[i];
+    rkt_tensor *t = &m->view[i];
     uint64_t count = 1;
-    uint32_t i, expect[4], bytes;
-    char got_s[200], want_s[128];
-    if (!a)
-        return -1;
-    /* Saturating: 4-D caches multiply four factors below 2^32 (L and Tc are free), which could wrap 64 bits to a
-       small count that a corrupt n_elems matches. Past UINT32_MAX the count only has to stay too large. */
-    for (i = 0; i < n; i++)
-        count = count > UINT32_MAX ? count : count * want[i];
+    uint32_t d, width;
+    char dims[200];
     if (a->fmt != RKNN_TENSOR_NCHW && a->fmt != RKNN_TENSOR_NHWC && a->fmt != RKNN_TENSOR_UNDEFINED)
-        return rkt_fail(m->path, "%s '%s': fmt %d (%s), the runner handles NCHW, NHWC or UNDEFINED", kind, name,
-                        (int)a->fmt, format_name(a->fmt));
-    out->nhwc = n == 4 && a->fmt == RKNN_TENSOR_NHWC;
-    memcpy(expect, want, n * sizeof *want);
-    if (out->nhwc) {
-        expect[1] = want[2];
-        expect[2] = want[3];
-        expect[3] = want[1];
-    }
-    if (a->n_dims != n || memcmp(a->dims, expect, n * sizeof *expect) != 0) {
-        shape_str(got_s, sizeof got_s, a->dims, a->n_dims);
-        shape_str(want_s, sizeof want_s, expect, n);
-        return rkt_fail(m->path, "%s '%s' has n_dims %u, dims %s (fmt %s), expected %s", kind, name, a->n_dims, got_s,
-                        format_name(a->fmt), want_s);
-    }
-    if (count == 0 || count > UINT32_MAX / 4 || a->n_elems != count)
-        return rkt_fail(m->path, "%s '%s': n_elems is %u, its shape has %llu%s elements (the runner takes 1 to %u)",
-                        kind, name, a->n_elems, (unsigned long long)count, count > UINT32_MAX ? " or more" : "",
-                        UINT32_MAX / 4);
-    /* float32 in and out; the runtime converts to and from the model's own type, which must be one it can. */
-    if (!(bytes = type_bytes(a->type)))
-        return rkt_fail(m->path, "%s '%s': type %d is not float32, float16, int8, uint8 or int16", kind, name,
+        return rkt_fail(m->path, "%s '%s': fmt %d (%s), the runner handles NCHW, NHWC or UNDEFINED", kind(m, i),
+                        a->name, (int)a->fmt, format_name(a->fmt));
+    if (a->n_dims == 0 || a->n_dims > RKT_MAX_RANK)
+        return rkt_fail(m->path, "%s '%s': n_dims is %u; the contract's tensors have 1 to %d", kind(m, i), a->name,
+                        a->n_dims, RKT_MAX_RANK);
+    for (d = 0; d < a->n_dims; d++)
+        count = rkt_sat_mul(count, a->dims[d]);
+    rkt_shape_str(dims, sizeof dims, a->dims, a->n_dims);
+    if (count == 0 || count > (1u << 30) || a->n_elems != count)
+        return rkt_fail(m->path, "%s '%s': n_elems is %u, its dims %s make %llu%s (the runner takes 1 to 2^30)",
+                        kind(m, i), a->name, a->n_elems, dims, (unsigned long long)count,
+                        count == UINT64_MAX ? " or more" : "");
+    if (dtype_of(a->type, &t->dtype))
+        return rkt_fail(m->path, "%s '%s': type %d is not float32, float16, int8, uint8 or int16", kind(m, i), a->name,
                         (int)a->type);
-    if (a->size < count * bytes)
-        return rkt_fail(m->path, "%s '%s': size is %u bytes, its %llu elements of %u bytes need %llu", kind, name,
-                        a->size, (unsigned long long)count, bytes, (unsigned long long)(count * bytes));
-    if (check_quantization(m, kind, name, a))
+    if (quantization(m, i, t))
         return -1;
-    out->count = (uint32_t)count;
-    if (n == 4)
-        memcpy(out->nchw, want, sizeof out->nchw);
-    return 0;
-}
-
-/* A tensor the shapes are read from: n_dims n and no zero dimension, checked before any dims[] is used. bind()
-   later checks it in full like every other tensor. */
-static const rknn_tensor_attr *anchor(const model *m, int input, const char *name, uint32_t n, const char *form)
-{
-    uint32_t index, i = 0;
-    const rknn_tensor_attr *a = find(m, input, name, &index);
-    char got_s[200];
-    if (!a)
-        return NULL;
-    while (a->n_dims == n && i < n && a->dims[i])
-        i++;
-    if (a->n_dims != n || i < n) {
-        shape_str(got_s, sizeof got_s, a->dims, a->n_dims);
-        rkt_fail(m->path, "%s '%s' has n_dims %u, dims %s; expected %s, no dimension 0", input ? "input" : "output",
-                 name, a->n_dims, got_s, form);
-        return NULL;
+    t->nhwc = a->n_dims == 4 && a->fmt == RKNN_TENSOR_NHWC;
+    s->name = a->name;
+    s->rank = a->n_dims;
+    memcpy(s->dims, a->dims, a->n_dims * sizeof *a->dims);
+    if (t->nhwc) { /* [N, H, W, C] -> NCHW */
+        s->dims[1] = a->dims[3];
+        s->dims[2] = a->dims[1];
+        s->dims[3] = a->dims[2];
     }
-    return a;
+    width = t->nhwc ? a->dims[2] : a->dims[a->n_dims - 1];
+    if (a->w_stride && (t->nhwc ? a->w_stride < width : a->w_stride != width))
+        return rkt_fail(m->path, "%s '%s': w_stride %u with dims %s (fmt %s): the runner lays out rows of %u%s",
+                        kind(m, i), a->name, a->w_stride, dims, format_name(a->fmt), width,
+                        t->nhwc ? " or more" : " only");
+    rkt_tensor_layout(t, s->dims, s->rank, a->w_stride);
+    if ((uint64_t)a->size < count * rkt_dtype_size(t->dtype) ||
+        (uint64_t)(a->size > a->size_with_stride ? a->size : a->size_with_stride) < t->bytes)
+        return rkt_fail(m->path, "%s '%s': size is %u bytes (size_with_stride %u), its %llu elements of %zu bytes "
+                        "take %zu", kind(m, i), a->name, a->size, a->size_with_stride, (unsigned long long)count,
+                        rkt_dtype_size(t->dtype), t->bytes);
+    return 0;
 }
 
-static int expect_io(const model *m, uint32_t n_in, uint32_t n_out, const char *what)
+/* A zero-copy buffer for tensor i, bound in the model's own type and layout. */
+static int bind_memory(rknn_backend *b, model *m, uint32_t i)
 {
-    if (m->io.n_input != n_in || m->io.n_output != n_out)
-        return rkt_fail(m->path, "%u inputs and %u outputs, %s has %u and %u", m->io.n_input, m->io.n_output, what,
-                        n_in, n_out);
+    rknn_tensor_attr attr = m->attr[i];
+    rkt_tensor *t = &m->view[i];
+    uint32_t size = attr.size > attr.size_with_stride ? attr.size : attr.size_with_stride;
+    rknn_tensor_mem *mem = b->api.create_mem(m->ctx, size);
+    if (!mem || !mem->virt_addr || mem->size < size) {
+        if (mem)
+            b->api.destroy_mem(m->ctx, mem);
+        return rkt_fail(m->path, "rknn_create_mem(%u) for %s '%s' gave %s", size, kind(m, i), attr.name,
+                        mem ? "a smaller buffer or none" : "nothing (out of NPU memory?)");
+    }
+    m->mem[i] = mem;
+    t->data = mem->virt_addr;
+    /* pass_through 0 with the model's own type and fmt: the runtime takes the data as is, converting only to its
+       internal layout where that differs (NC1HWC2). */
+    attr.pass_through = 0;
+    return check(m, "rknn_set_io_mem", b->api.set_io_mem(m->ctx, mem, &attr));
+}
+
+static int prepare(const model *m)
+{
+    uint32_t i;
+    for (i = 0; i < m->n_in + m->n_out; i++)
+        if (describe(m, i))
+            return -1;
     return 0;
+}
+
+static rkt_model_shapes shapes_of(const model *m)
+{
+    rkt_model_shapes s;
+    s.path = m->path;
+    s.n_in = m->n_in;
+    s.n_out = m->n_out;
+    s.in = m->shape;
+    s.out = m->shape + m->n_in;
+    return s;
 }
 
 static int rknn_query_dims(void *ctx, rkt_dims *dims)
 {
     rknn_backend *b = ctx;
-    rkt_dims *d = &b->dims;
-    const rknn_tensor_attr *a;
-    uint32_t S, D, V, L, H = 0, Tc = 0, hd = 0, i;
-    int transformer;
-    /* The shapes come from a few anchor tensors; bind() then checks every tensor against them. */
-    if (expect_io(&b->enc, 2, 1, "an encoder") || !(a = anchor(&b->enc, 1, "src_embeds", 3, "[1, S, D]")))
+    rkt_model_shapes enc, dec;
+    uint32_t i;
+    if (prepare(&b->enc) || prepare(&b->dec))
         return -1;
-    S = a->dims[1];
-    D = a->dims[2];
-    transformer = b->dec.io.n_input == 6;
-    if (expect_io(&b->dec, transformer ? 6 : 4, transformer ? 3 : 2, "a recurrent (4/2) or transformer (6/3) decoder"))
+    enc = shapes_of(&b->enc);
+    dec = shapes_of(&b->dec);
+    if (rkt_contract_bind(&enc, &dec, &b->c))
         return -1;
-    if (!(a = anchor(&b->dec, 0, "logits", 2, "[1, V]")))
-        return -1;
-    V = a->dims[1];
-    if (!(a = anchor(&b->dec, 1, transformer ? "cache_k" : "state", transformer ? 4 : 3,
-                     transformer ? "[L, H, Tc, hd] (NHWC: [L, Tc, hd, H])" : "[L, 1, D]")))
-        return -1;
-    L = a->dims[0];
-    if (transformer) {
-        int nhwc = a->fmt == RKNN_TENSOR_NHWC;
-        H = nhwc ? a->dims[3] : a->dims[1];
-        Tc = nhwc ? a->dims[1] : a->dims[2];
-        hd = nhwc ? a->dims[2] : a->dims[3];
-        if ((uint64_t)H * hd != D)
-            return rkt_fail(b->dec.path, "input 'cache_k': dims give H = %u, hd = %u (Tc = %u), H * hd is not D = %u",
-                            H, hd, Tc, D);
-    }
-    {
-        const uint32_t s_embeds[] = {1, S, D}, s_mask[] = {1, S}, s_tok[] = {1, 1, D}, s_logits[] = {1, V},
-                       s_state[] = {L, 1, D}, s_cache[] = {L, H, Tc, hd}, s_cmask[] = {1, Tc};
-        const uint32_t *in_shapes[] = {s_tok, s_embeds, s_mask, transformer ? s_cache : s_state, s_cache, s_cmask};
-        const uint32_t in_dims[] = {3, 3, 2, transformer ? 4u : 3u, 4, 2};
-        const uint32_t *out_shapes[] = {s_logits, transformer ? s_cache : s_state, s_cache};
-        const uint32_t out_dims[] = {2, transformer ? 4u : 3u, 4};
-        b->n_dec_in = transformer ? 6 : 4;
-        b->n_dec_out = transformer ? 3 : 2;
-        if (bind(&b->enc, 1, "src_embeds", s_embeds, 3, &b->src_embeds) ||
-            bind(&b->enc, 1, "src_mask_bias", s_mask, 2, &b->src_mask_bias) ||
-            bind(&b->enc, 0, "enc_out", s_embeds, 3, &b->enc_out))
+    for (i = 0; i < b->enc.n_in + b->enc.n_out; i++)
+        if (bind_memory(b, &b->enc, i))
             return -1;
-        for (i = 0; i < b->n_dec_in; i++)
-            if (bind(&b->dec, 1, transformer ? transformer_in[i] : recurrent_in[i], in_shapes[i], in_dims[i],
-                     &b->d_in[i]))
-                return -1;
-        for (i = 0; i < b->n_dec_out; i++)
-            if (bind(&b->dec, 0, transformer ? transformer_out[i] : recurrent_out[i], out_shapes[i], out_dims[i],
-                     &b->d_out[i]))
-                return -1;
-    }
-    if (transformer && !(b->scratch = rkt_calloc((size_t)L * Tc * D, sizeof(float), "rknn")))
-        return -1;
-    d->kind = transformer ? RKT_TRANSFORMER : RKT_RECURRENT;
-    d->src_len = S;
-    d->dim = D;
-    d->vocab = V;
-    d->layers = L;
-    d->heads = H;
-    d->cache_len = Tc;
-    *dims = *d;
+    for (i = 0; i < b->dec.n_in + b->dec.n_out; i++)
+        if (bind_memory(b, &b->dec, i))
+            return -1;
+    *dims = b->c.dims;
     return 0;
 }
 
-/* NHWC [N, H, W, C] -> NCHW [N, C, H, W]; nchw holds the target shape. */
-static void nhwc_to_nchw(const float *src, float *dst, const uint32_t *nchw)
+/* ------------------------------------------------------------------ running */
+
+static int run(rknn_backend *b, model *m, double *run_ms)
 {
-    size_t n, c, h, w, N = nchw[0], C = nchw[1], H = nchw[2], W = nchw[3];
-    for (n = 0; n < N; n++)
-        for (c = 0; c < C; c++)
-            for (h = 0; h < H; h++)
-                for (w = 0; w < W; w++)
-                    dst[((n * C + c) * H + h) * W + w] = src[((n * H + h) * W + w) * C + c];
+    double start = rkt_now_ms();
+    int ret = b->api.run(m->ctx, NULL);
+    *run_ms += rkt_now_ms() - start;
+    return check(m, "rknn_run", ret);
 }
 
-/* rknn_inputs_set, rknn_run, rknn_outputs_get, copy out, rknn_outputs_release. */
-static int run_model(rknn_backend *b, const model *m, const binding *in, const float *const *in_bufs, uint32_t n_in,
-                     const binding *out, float *const *out_bufs, uint32_t n_out)
+static const rkt_tensor *input(const model *m, uint32_t index)
 {
-    rknn_input inputs[MAX_IO];
-    rknn_output outputs[MAX_IO];
+    return &m->view[index];
+}
+
+static const rkt_tensor *output(const model *m, uint32_t index)
+{
+    return &m->view[m->n_in + index];
+}
+
+static int rknn_start_sentence(void *ctx, const float *src_embeds, const float *src_mask)
+{
+    rknn_backend *b = ctx;
+    const rkt_contract *c = &b->c;
     uint32_t i;
-    int rc = 0;
-    memset(inputs, 0, sizeof inputs);
-    memset(outputs, 0, sizeof outputs);
-    for (i = 0; i < n_in; i++) {
-        inputs[i].index = in[i].index;
-        inputs[i].buf = (void *)in_bufs[i]; /* the runtime only reads inputs */
-        inputs[i].size = in[i].count * 4;
-        inputs[i].pass_through = 0;
-        inputs[i].type = RKNN_TENSOR_FLOAT32;
-        /* Our 4-D buffers are NCHW whatever the model's native layout; others keep the model's format. */
-        inputs[i].fmt = m->in[in[i].index].n_dims == 4 ? RKNN_TENSOR_NCHW : m->in[in[i].index].fmt;
-    }
-    for (i = 0; i < n_out; i++) {
-        outputs[i].index = out[i].index;
-        outputs[i].want_float = 1;
-    }
-    if (check(m, "rknn_inputs_set", rknn_inputs_set(m->ctx, n_in, inputs)) ||
-        check(m, "rknn_run", rknn_run(m->ctx, NULL)) ||
-        check(m, "rknn_outputs_get", rknn_outputs_get(m->ctx, n_out, outputs, NULL)))
+    rkt_tensor_store(input(&b->enc, c->enc_src_embeds), src_embeds);
+    rkt_tensor_store(input(&b->enc, c->enc_src_mask), src_mask);
+    if (run(b, &b->enc, &b->time.encoder_run_ms))
         return -1;
-    for (i = 0; i < n_out && rc == 0; i++) {
-        if (!outputs[i].buf || outputs[i].size != out[i].count * 4) {
-            rc = rkt_fail(m->path, "output '%s': rknn_outputs_get gave %s%u bytes, expected %u float32",
-                          m->out[out[i].index].name, outputs[i].buf ? "" : "no buffer and ", outputs[i].size,
-                          out[i].count);
-        } else if (out[i].nhwc) {
-            memcpy(b->scratch, outputs[i].buf, outputs[i].size);
-            nhwc_to_nchw(b->scratch, out_bufs[i], out[i].nchw);
-        } else {
-            memcpy(out_bufs[i], outputs[i].buf, outputs[i].size);
-        }
+    /* Constant for the whole sentence: set here, never per step. */
+    for (i = 0; i < 2 * c->dims.layers; i++)
+        rkt_tensor_copy(input(&b->dec, c->cross[i]), output(&b->enc, c->enc_cross[i]));
+    rkt_tensor_store(input(&b->dec, c->src_mask), src_mask);
+    /* Zero states, zero caches; the self mask shows step 0 only its own position. */
+    for (i = 0; i < c->n_carried; i++)
+        rkt_tensor_fill(input(&b->dec, c->carried_in[i]), 0.0f);
+    if (c->dims.kind == RKT_TRANSFORMER) {
+        rkt_tensor_fill(input(&b->dec, c->self_mask), 0.0f);
+        rkt_tensor_set(input(&b->dec, c->self_mask), c->dims.cache_len - 1, 1.0f);
     }
-    if (check(m, "rknn_outputs_release", rknn_outputs_release(m->ctx, n_out, outputs)))
-        rc = -1;
-    return rc;
+    return 0;
 }
 
-static int rknn_run_encoder(void *ctx, const float *src_embeds, const float *src_mask_bias, float *enc_out)
+/* The previous step's outputs into this step's inputs, in place. */
+static void carry(rknn_backend *b, uint32_t step)
+{
+    const rkt_contract *c = &b->c;
+    uint32_t i;
+    for (i = 0; i < c->n_carried; i++) {
+        if (c->dims.kind == RKT_TRANSFORMER)
+            rkt_cache_push(input(&b->dec, c->carried_in[i]), output(&b->dec, c->carried_out[i]));
+        else
+            rkt_tensor_copy(input(&b->dec, c->carried_in[i]), output(&b->dec, c->carried_out[i]));
+    }
+    if (c->dims.kind == RKT_TRANSFORMER) /* one more real position: the cache's last `step` and the step's own */
+        rkt_tensor_set(input(&b->dec, c->self_mask), c->dims.cache_len - 1 - step, 1.0f);
+}
+
+static void measure_run(rknn_backend *b)
+{
+    rknn_perf_run perf;
+    double start = rkt_now_ms();
+    memset(&perf, 0, sizeof perf);
+    if (b->api.query(b->dec.ctx, RKNN_QUERY_PERF_RUN, &perf, sizeof perf) == RKNN_SUCC && perf.run_duration >= 0)
+        b->time.decoder_perf_us += (double)perf.run_duration;
+    else
+        b->time.decoder_perf_us = -1.0; /* not available from this runtime: reported as such */
+    b->time.probe_ms += rkt_now_ms() - start;
+}
+
+static int rknn_step(void *ctx, uint32_t step, const float *tok_embeds, uint32_t *token)
 {
     rknn_backend *b = ctx;
-    const binding in[] = {b->src_embeds, b->src_mask_bias};
-    const float *const in_bufs[] = {src_embeds, src_mask_bias};
-    float *const out_bufs[] = {enc_out};
-    return run_model(b, &b->enc, in, in_bufs, 2, &b->enc_out, out_bufs, 1);
+    const rkt_contract *c = &b->c;
+    if (c->dims.kind == RKT_TRANSFORMER && step >= c->dims.cache_len)
+        return rkt_fail(b->dec.path, "step %u, but the self mask covers Tc = %u positions", step, c->dims.cache_len);
+    if (step > 0)
+        carry(b, step);
+    rkt_tensor_store(input(&b->dec, c->tok_embeds), tok_embeds);
+    if (run(b, &b->dec, &b->time.decoder_run_ms))
+        return -1;
+    if (b->measure && b->time.decoder_perf_us >= 0)
+        measure_run(b);
+    if (rkt_tensor_argmax(output(&b->dec, c->logits), c->dims.vocab, token))
+        return rkt_fail(b->dec.path, "step %u: a logit is NaN", step);
+    return 0;
 }
 
-static int rknn_run_decoder(void *ctx, const rkt_step_io *io)
+static void rknn_runtime_time(void *ctx, rkt_runtime_time *t)
 {
-    rknn_backend *b = ctx;
-    int transformer = b->dims.kind == RKT_TRANSFORMER;
-    const float *const in_bufs[] = {io->tok_embeds, io->enc_out, io->src_mask_bias,
-                                    transformer ? io->cache_k : io->state, io->cache_v, io->cache_mask_bias};
-    float *const out_bufs[] = {io->logits, transformer ? io->new_cache_k : io->new_state, io->new_cache_v};
-    return run_model(b, &b->dec, b->d_in, in_bufs, b->n_dec_in, b->d_out, out_bufs, b->n_dec_out);
+    *t = ((rknn_backend *)ctx)->time;
 }
 
-const rkt_backend rkt_rknn_backend = {"rknn", rknn_load, rknn_query_dims, rknn_run_encoder, rknn_run_decoder,
-                                      rknn_release};
+const rkt_backend rkt_rknn_backend = {"rknn",    rknn_load,         rknn_query_dims, rknn_start_sentence,
+                                      rknn_step, rknn_runtime_time, rknn_release};

@@ -8,12 +8,6 @@
 
 enum { HEADER = 24 };
 
-/* Saturating a * b: a saturated size never equals a real file's, so it fails the size check below. */
-static uint64_t sat_mul(uint64_t a, uint64_t b)
-{
-    return a && b > UINT64_MAX / a ? UINT64_MAX : a * b;
-}
-
 int rkt_embed_load(const char *path, rkt_embed *e)
 {
     uint8_t *data;
@@ -33,8 +27,7 @@ int rkt_embed_load(const char *path, rkt_embed *e)
     /* rows < 3 * 2^32 and dim < 2^32, so rows * dim * 4 can pass 2^64: saturate rather than wrap, or a crafted
        header could match a small file and make the tables far larger than the data read. */
     rows = (uint64_t)e->vocab + e->n_directions + e->max_positions;
-    expected = sat_mul(sat_mul(rows, e->dim), 4);
-    expected = expected > UINT64_MAX - HEADER ? UINT64_MAX : expected + HEADER;
+    expected = rkt_sat_add(rkt_sat_mul(rkt_sat_mul(rows, e->dim), 4), HEADER);
     if (!e->vocab || !e->dim || !e->n_directions || !e->max_positions || expected != (uint64_t)size) {
         free(data);
         return rkt_fail(path, "%zu bytes, but a [%u, %u] token, [%u, %u] direction and [%u, %u] position table "

@@ -1,9 +1,10 @@
 /* rk_translate: translate one text with the distilled student on the RV1126B NPU (or a replayed recording).
 
-     rk_translate [--direction zh-en|en-zh] [--backend rknn|replay] [--max_tokens N]
+     rk_translate [--direction zh-en|en-zh] [--backend rknn|replay] [--max_tokens N] [--bench N]
                   ENCODER DECODER TOKENIZER_BIN EMBED_BIN TEXT
 
-   Prints the translation on stdout; source/output ids and per-stage timings on stderr. */
+   Prints the translation on stdout; source/output ids and per-stage timings on stderr; with --bench N, the text is
+   translated N more times and the mean per-token time is printed split into rknn_run and the runner's own work. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,23 +15,18 @@
 #include "translate.h"
 #include "unicode.h"
 
-static const rkt_backend *const backends[] = {
-#ifdef RKT_HAVE_RKNN
-    &rkt_rknn_backend,
-#endif
-    &rkt_replay_backend,
-};
+static const rkt_backend *const backends[] = {&rkt_rknn_backend, &rkt_replay_backend};
 
 typedef struct {
     const char *paths[5]; /* encoder, decoder, tokenizer, embed, text */
     const rkt_backend *backend;
-    uint32_t direction, max_tokens;
+    uint32_t direction, max_tokens, bench;
 } args;
 
 static void usage(FILE *to)
 {
     size_t i;
-    fprintf(to, "usage: rk_translate [--direction zh-en|en-zh] [--backend NAME] [--max_tokens N]\n"
+    fprintf(to, "usage: rk_translate [--direction zh-en|en-zh] [--backend NAME] [--max_tokens N] [--bench N]\n"
                 "                    ENCODER DECODER TOKENIZER_BIN EMBED_BIN TEXT\n"
                 "  --direction   zh-en (default) or en-zh\n"
                 "  --backend     one of:");
@@ -38,7 +34,10 @@ static void usage(FILE *to)
         fprintf(to, " %s%s", backends[i]->name, i ? "" : " (default)");
     fprintf(to, "; replay reads a recording from ENCODER and takes - as DECODER\n"
                 "  --max_tokens  most output tokens (default: the transformer decoder's cache length Tc, or for a\n"
-                "                recurrent decoder embed.bin's positions - 1; pass the student's max_target_len)\n");
+                "                recurrent decoder embed.bin's positions - 1; pass the student's max_target_len)\n"
+                "  --bench       translate the text N more times and print the mean time per token: rknn_run\n"
+                "                (wall clock, and RKNN_QUERY_PERF_RUN) and the runner's own work apart\n"
+                "  librknnrt.so: from $RKNN_LIB (its folder) when set, else the library path, then /oem/usr/lib\n");
 }
 
 static int parse_args(int argc, char **argv, args *a)
@@ -69,12 +68,12 @@ static int parse_args(int argc, char **argv, args *a)
                     if (strcmp(value, backends[k]->name) == 0)
                         a->backend = backends[k];
                 if (!a->backend)
-                    return rkt_fail(arg, "no backend '%s' in this build (rknn needs -DRKNN_SDK=...)", value);
-            } else if (strcmp(arg, "--max_tokens") == 0) {
+                    return rkt_fail(arg, "no backend '%s'; choose rknn or replay", value);
+            } else if (strcmp(arg, "--max_tokens") == 0 || strcmp(arg, "--bench") == 0) {
                 unsigned long v = strtoul(value, &end, 10);
                 if (*end || !*value || v == 0 || v > 0xFFFFFFFFul || value[0] == '-')
                     return rkt_fail(arg, "'%s' is not a positive integer", value);
-                a->max_tokens = (uint32_t)v;
+                *(strcmp(arg, "--bench") == 0 ? &a->bench : &a->max_tokens) = (uint32_t)v;
             } else {
                 return rkt_fail(arg, "unknown option");
             }
@@ -123,6 +122,48 @@ static void print_ids(const char *label, const rkt_u32vec *ids)
     fputc('\n', stderr);
 }
 
+/* --bench: the text translated a.bench more times; mean per-token times, rknn_run and the runner's own work apart.
+   One key=value line, so scripts (bench/runner_host.py) read it as people do. */
+static int bench(const args *a, const rkt_dims *dims, const rkt_embed *emb, const rkt_decode_params *p, void *ctx,
+                 const rkt_u32vec *src)
+{
+    rkt_runtime_time before, after;
+    rkt_timing t, sum;
+    rkt_u32vec out = {0};
+    uint32_t run;
+    double steps, perf;
+    char perf_s[32];
+    memset(&sum, 0, sizeof sum);
+    a->backend->runtime_time(ctx, &before);
+    for (run = 0; run < a->bench; run++) {
+        out.n = 0;
+        if (rkt_translate_ids(a->backend, ctx, dims, emb, p, src->v, src->n, &out, &t)) {
+            rkt_u32vec_free(&out);
+            return -1;
+        }
+        sum.encoder_ms += t.encoder_ms;
+        sum.decoder_ms += t.decoder_ms;
+        sum.steps += t.steps;
+    }
+    rkt_u32vec_free(&out);
+    a->backend->runtime_time(ctx, &after);
+    steps = sum.steps ? sum.steps : 1;
+    perf = after.decoder_perf_us >= 0 ? (after.decoder_perf_us - before.decoder_perf_us) / 1e3 / steps : -1;
+    if (perf >= 0)
+        snprintf(perf_s, sizeof perf_s, "%.4f", perf);
+    else
+        snprintf(perf_s, sizeof perf_s, "n/a");
+    fprintf(stderr,
+            "bench: runs=%u tokens=%u per_token_ms=%.4f run_ms=%.4f perf_run_ms=%s host_ms=%.4f encoder_ms=%.4f "
+            "encoder_run_ms=%.4f backend=%s\n",
+            a->bench, sum.steps / a->bench, sum.decoder_ms / steps,
+            (after.decoder_run_ms - before.decoder_run_ms) / steps, perf_s,
+            (sum.decoder_ms - (after.decoder_run_ms - before.decoder_run_ms) - (after.probe_ms - before.probe_ms)) /
+                steps,
+            sum.encoder_ms / a->bench, (after.encoder_run_ms - before.encoder_run_ms) / a->bench, a->backend->name);
+    return 0;
+}
+
 static int run(const args *a, const rkt_tokenizer *tok, const rkt_embed *emb, const rkt_dims *dims, void *ctx,
                double load_ms)
 {
@@ -130,6 +171,7 @@ static int run(const args *a, const rkt_tokenizer *tok, const rkt_embed *emb, co
     rkt_u32vec src = {0}, out = {0};
     rkt_bytes text = {0};
     rkt_timing timing;
+    rkt_runtime_time runtime;
     const char *input = a->paths[4];
     size_t len = strlen(input);
     double t0, t1, t2;
@@ -156,16 +198,20 @@ static int run(const args *a, const rkt_tokenizer *tok, const rkt_embed *emb, co
     if (rc == 0)
         rc = rkt_tokenizer_decode(tok, out.v, out.n, &text);
     if (rc == 0) {
-        double end = rkt_now_ms();
+        double end = rkt_now_ms(), steps = timing.steps ? timing.steps : 1;
+        a->backend->runtime_time(ctx, &runtime);
         printf("%s\n", (const char *)text.p);
+        fflush(stdout);
         print_ids("source ids", &src);
         print_ids("output ids", &out);
         fprintf(stderr,
-                "timing: load %.2f ms, tokenize %.3f ms, encoder %.3f ms, decoder %u steps mean %.3f ms, "
-                "detokenize %.3f ms, total %.3f ms (backend %s, %s decoder)\n",
-                load_ms, t1 - t0, timing.encoder_ms, timing.steps,
-                timing.steps ? timing.decoder_ms / timing.steps : 0.0, end - t2, end - t0, a->backend->name,
-                dims->kind == RKT_TRANSFORMER ? "transformer" : "recurrent");
+                "timing: load %.2f ms, tokenize %.3f ms, encoder %.3f ms, decoder %u steps mean %.3f ms "
+                "(rknn_run %.3f ms, host %.3f ms), detokenize %.3f ms, total %.3f ms (backend %s, %s decoder)\n",
+                load_ms, t1 - t0, timing.encoder_ms, timing.steps, timing.decoder_ms / steps,
+                runtime.decoder_run_ms / steps, (timing.decoder_ms - runtime.decoder_run_ms) / steps, end - t2,
+                end - t0, a->backend->name, dims->kind == RKT_TRANSFORMER ? "transformer" : "recurrent");
+        if (a->bench)
+            rc = bench(a, dims, emb, &p, ctx, &src);
     }
     rkt_u32vec_free(&src);
     rkt_u32vec_free(&out);
@@ -188,7 +234,7 @@ int main(int argc, char **argv)
     }
     memset(&emb, 0, sizeof emb);
     if ((tok = rkt_tokenizer_load(a.paths[2])) && rkt_embed_load(a.paths[3], &emb) == 0 &&
-        (ctx = a.backend->load(a.paths[0], a.paths[1])) && a.backend->query(ctx, &dims) == 0)
+        (ctx = a.backend->load(a.paths[0], a.paths[1], a.bench > 0)) && a.backend->query(ctx, &dims) == 0)
         rc = run(&a, tok, &emb, &dims, ctx, rkt_now_ms() - start) ? 1 : 0;
     if (ctx)
         a.backend->release(ctx);

@@ -1,7 +1,7 @@
-/* Minimal declarations of the RKNN C API (librknnrt) that backend_rknn.c uses, written from the public API
-   description (types, fields and call sequence; see README.md). Only what the runner needs is declared.
-   Builds with a real SDK include Rockchip's rknn_api.h instead (-DRKNN_SDK=...); this header lets the backend be
-   compiled, checked and tested (against tests' fake runtime) without one. */
+/* Minimal declarations of the RKNN C API (librknnrt) that backend_rknn.c uses, matching Rockchip's rknn_api.h field
+   by field (struct layouts, enum values, signatures). Only what the runner needs is declared. The runner loads
+   librknnrt.so with dlopen and takes these functions with dlsym, so no SDK is needed to build it; builds with
+   -DRKNN_SDK=... include Rockchip's rknn_api.h instead and link the library. */
 #ifndef RKNN_API_MIN_H
 #define RKNN_API_MIN_H
 
@@ -39,7 +39,9 @@ typedef uint64_t rknn_context;
 typedef enum _rknn_query_cmd {
     RKNN_QUERY_IN_OUT_NUM = 0,
     RKNN_QUERY_INPUT_ATTR = 1,
-    RKNN_QUERY_OUTPUT_ATTR = 2
+    RKNN_QUERY_OUTPUT_ATTR = 2,
+    RKNN_QUERY_PERF_RUN = 4,   /* rknn_perf_run: the last run's time */
+    RKNN_QUERY_SDK_VERSION = 5 /* rknn_sdk_version */
 } rknn_query_cmd;
 
 typedef enum _rknn_tensor_type {
@@ -87,35 +89,37 @@ typedef struct _rknn_tensor_attr {
     uint32_t h_stride;
 } rknn_tensor_attr;
 
-typedef struct _rknn_input {
-    uint32_t index;
-    void *buf;
-    uint32_t size;
-    uint8_t pass_through;
-    rknn_tensor_type type;
-    rknn_tensor_format fmt;
-} rknn_input;
+typedef struct _rknn_perf_run {
+    int64_t run_duration; /* microseconds */
+} rknn_perf_run;
 
-typedef struct _rknn_output {
-    uint8_t want_float;
-    uint8_t is_prealloc;
-    uint32_t index;
-    void *buf;
+typedef struct _rknn_sdk_version {
+    char api_version[256];
+    char drv_version[256];
+} rknn_sdk_version;
+
+/* A zero-copy buffer from rknn_create_mem; virt_addr is the CPU's view. */
+typedef struct _rknn_tensor_memory {
+    void *virt_addr;
+    uint64_t phys_addr;
+    int32_t fd;
+    int32_t offset;
     uint32_t size;
-} rknn_output;
+    uint32_t flags;
+    void *priv_data;
+} rknn_tensor_mem;
 
 /* Extension structs are only ever passed as NULL here. */
 typedef struct _rknn_init_extend rknn_init_extend;
 typedef struct _rknn_run_extend rknn_run_extend;
-typedef struct _rknn_output_extend rknn_output_extend;
 
 int rknn_init(rknn_context *context, void *model, uint32_t size, uint32_t flag, rknn_init_extend *extend);
 int rknn_destroy(rknn_context context);
 int rknn_query(rknn_context context, rknn_query_cmd cmd, void *info, uint32_t size);
-int rknn_inputs_set(rknn_context context, uint32_t n_inputs, rknn_input inputs[]);
 int rknn_run(rknn_context context, rknn_run_extend *extend);
-int rknn_outputs_get(rknn_context context, uint32_t n_outputs, rknn_output outputs[], rknn_output_extend *extend);
-int rknn_outputs_release(rknn_context context, uint32_t n_outputs, rknn_output outputs[]);
+rknn_tensor_mem *rknn_create_mem(rknn_context ctx, uint32_t size);
+int rknn_destroy_mem(rknn_context ctx, rknn_tensor_mem *mem);
+int rknn_set_io_mem(rknn_context ctx, rknn_tensor_mem *mem, rknn_tensor_attr *attr);
 
 #ifdef __cplusplus
 }

@@ -9,16 +9,16 @@
 #include "embed.h"
 #include "util.h"
 
-#define RKT_MASK_BIAS (-1e4f) /* finite: rknn-toolkit2 clamps -inf and very large negatives */
-
 typedef struct {
     uint32_t direction;  /* 0 = zh-en, 1 = en-zh */
     uint32_t max_tokens; /* stop after this many output tokens */
     uint32_t pad, bos, eos;
 } rkt_decode_params;
 
+/* One sentence's wall clock, summed over its calls. */
 typedef struct {
-    double encoder_ms, decoder_ms; /* decoder_ms summed over steps */
+    double encoder_ms; /* start_sentence: source in, encoder run, per-sentence decoder inputs set */
+    double decoder_ms; /* every step: embedding, conversion, run, argmax, carried state */
     uint32_t steps;
 } rkt_timing;
 

@@ -20,6 +20,11 @@ void *rkt_calloc(size_t n, size_t size, const char *what);
 int rkt_read_file(const char *path, uint8_t **data, size_t *size);
 
 uint32_t rkt_le32(const uint8_t *p);
+
+/* Saturating arithmetic for sizes read from files: a saturated size never equals a real file's, so it fails the
+   size check that follows instead of wrapping to a small one. */
+uint64_t rkt_sat_mul(uint64_t a, uint64_t b);
+uint64_t rkt_sat_add(uint64_t a, uint64_t b);
 float rkt_lef32(const uint8_t *p);
 
 /* zlib/IEEE CRC-32, as Python's zlib.crc32. */
