@@ -455,6 +455,19 @@ def build_catalog_corpus(locale_dir: str | Path, out_dir: str | Path, language: 
     return stats
 
 
+def write_label_subset(corpus_dir: str | Path, out_dir: str | Path, max_words: int) -> dict[str, int]:
+    """The pairs of each split whose English side has at most max_words words (menu items and buttons such as
+    "Open File" / "打开文件"), written as the same splits under out_dir: a subset of every split, so it keeps the
+    corpus's split by catalog and nothing of the test catalogs reaches training. Returns the pairs per split."""
+    counts = {}
+    for split in SPLITS:
+        pairs = [p for p in read_pairs(Path(corpus_dir) / f"{split}.jsonl") if len(p.en.split()) <= max_words]
+        counts[split] = write_jsonl(pairs, Path(out_dir) / f"{split}.jsonl")
+    (Path(out_dir) / "stats.json").write_text(json.dumps({"from": str(corpus_dir), "max_english_words": max_words,
+                                                          "pairs": counts}, indent=2) + "\n")
+    return counts
+
+
 # --------------------------------------------------------------------------- vocabulary trimming
 
 def _byte_level_alphabet() -> dict[int, str]:

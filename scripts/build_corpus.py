@@ -1,8 +1,10 @@
 """Build the zh<->en corpus from the machine's gettext catalogs, split by catalog.
 
-    python scripts/build_corpus.py --gettext /usr/share/locale --out data/catalogs
+    python scripts/build_corpus.py --gettext /usr/share/locale --out data/catalogs [--labels data/labels]
 
 Writes OUT/train.jsonl, OUT/valid.jsonl, OUT/test.jsonl ({"zh", "en", "catalog"} a line) and OUT/stats.json.
+With --labels, also the short-label subset of each split (at most --label_words English words: menu items and
+buttons), which a small model trained from scratch on a CPU can learn in minutes.
 Catalog strings that training would reject as bad lines (untranslated, empty, too long, wrong language,
 duplicates) are dropped here and counted per reason, so the splits validate cleanly at the same --max_chars.
 """
@@ -16,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data import MAX_CHARS, CorpusError, build_catalog_corpus  # noqa: E402
+from data import MAX_CHARS, CorpusError, build_catalog_corpus, write_label_subset  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_chars", type=int, default=MAX_CHARS,
                         help="drop pairs with a side longer than this; train with --data.max_chars at least this")
     parser.add_argument("--seed", type=int, default=0, help="seed for assigning catalogs to splits")
+    parser.add_argument("--labels", default=None, help="also write the short-label subset of every split here")
+    parser.add_argument("--label_words", type=int, default=3, help="most English words of a short label (default 3)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -40,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{stats.raw_pairs} raw pairs, {stats.kept_pairs} kept -> {args.out} "
           + ", ".join(f"{s}: {n} pairs / {len(stats.catalogs[s])} catalogs" for s, n in stats.pairs.items()))
     print("dropped: " + " ".join(f"{reason}={n}" for reason, n in stats.dropped.most_common()))
+    if args.labels:
+        counts = write_label_subset(args.out, args.labels, args.label_words)
+        print(f"labels (at most {args.label_words} English words) -> {args.labels} "
+              + ", ".join(f"{s}: {n} pairs" for s, n in counts.items()))
     return 0
 
 
