@@ -1,18 +1,25 @@
 """Which distillation method trains the best student: the same `tiny` student, teacher, steps and seeds, one
-method at a time, scored on the catalog corpus's test split in both directions.
+method at a time, scored on a test split in both directions.
 
-    python bench/kd_methods.py                       # CPU: 2 ranks, every method, seeds 1 and 2
-    python bench/kd_methods.py --steps 400 --seeds 1,2,3 --methods forward_kl,seq_kd
+    python bench/kd_methods.py                       # the quickstart's label subset and stored teacher
+    python bench/kd_methods.py --methods ce_only,seq_kd --seeds 1,2,3 --steps 3000
+    python bench/kd_methods.py --corpus full --steps 120   # the whole catalog corpus, a teacher fine-tuned here
+
+--corpus labels (the default) is what the quickstart trains: the short-label subset of the catalog corpus (at most
+three English words), the stored teacher models/tiny-qwen-labels, fine-tuned for the labels by the project's own
+`--stage sft` (or --teacher), and the quickstart's distillation recipe. --corpus full is the whole corpus with a
+tiny teacher fine-tuned 800 steps here, where every model trained on CPU scores near zero.
 
 Methods: ce_only (alpha 0: the reference alone, no teacher term), the six token-level divergences of kd_loss.py
 (alpha 0.5), seq_kd (forward KL on the teacher's greedy translations instead of the references), seq_kd_beam4
 (the same with the teacher's 4-beam translations) and on_policy
 (forward KL on the student's own samples on half of the steps). Everything else is the default `tiny` recipe.
 
-Once, under bench/.cache/kd: the catalog corpus (data.build_catalog_corpus), a tiny Qwen2-shaped teacher
-(scripts/make_tiny_teacher.py) fine-tuned with `train_ds.py --stage sft`, and the seq_kd cache of teacher
-translations (shared by every seed). Each (method, seed) run is cached too: its scores are kept in
-bench/.cache/kd/runs/METHOD-sSEED/scores.json and reused unless --force, so an interrupted bench resumes.
+Once, under bench/.cache/kd/CORPUS: the corpus (data.build_catalog_corpus, data.write_label_subset), for --corpus
+full a tiny Qwen2-shaped teacher (scripts/make_tiny_teacher.py) fine-tuned with `train_ds.py --stage sft`, and the
+seq_kd cache of teacher translations (shared by every seed). Each (method, seed) run is cached too: its scores are
+kept in bench/.cache/kd/CORPUS/runs/METHOD-sSEED/scores.json and reused unless --force, so an interrupted bench
+resumes.
 Scores come from inference.evaluate (BLEU and chrF with sacrebleu) on the first --limit test pairs per
 direction. Writes bench/results/kd_methods-<device>.json and the "KD methods" section of bench/RESULTS.md
 (mean ± spread over seeds, spread = half the range).
@@ -29,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,10 +44,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from results_io import write_results  # noqa: E402 -- bench/ is sys.path[0]
 
-CACHE = ROOT / "bench" / ".cache" / "kd"
-CORPUS = ROOT / "bench" / ".cache" / "catalogs"  # shared with bench/train_step.py
+CATALOGS = ROOT / "bench" / ".cache" / "catalogs"  # shared with bench/train_step.py
+STORED_TEACHER = ROOT / "models" / "tiny-qwen-labels"  # the quickstart's (scripts/stored_teacher.py)
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
-SECTION = "## KD methods (bench/kd_methods.py)"
 DIRECTIONS = ("zh-en", "en-zh")
 
 METHODS: dict[str, list[str]] = {
@@ -50,18 +57,47 @@ METHODS: dict[str, list[str]] = {
     "skew_forward_kl": ["--kd_loss", "skew_forward_kl"],
     "skew_reverse_kl": ["--kd_loss", "skew_reverse_kl"],
     "tvd": ["--kd_loss", "tvd"],
-    "seq_kd": ["--kd_loss", "forward_kl", "--seq_kd", "true", "--distill.seq_kd_cache",
-               str(CACHE / "seq_kd_cache.jsonl")],
-    "seq_kd_beam4": ["--kd_loss", "forward_kl", "--seq_kd", "true", "--distill.seq_kd_beams", "4",
-                     "--distill.seq_kd_cache", str(CACHE / "seq_kd_beam4_cache.jsonl")],
+    "seq_kd": ["--kd_loss", "forward_kl", "--seq_kd", "true"],
+    "seq_kd_beam4": ["--kd_loss", "forward_kl", "--seq_kd", "true", "--distill.seq_kd_beams", "4"],
     "on_policy": ["--kd_loss", "forward_kl", "--on_policy_ratio", "0.5"],
 }
 
-# The student's recipe, the same for every method: short sentences (the catalogs are mostly UI labels; 24 tokens
-# keeps 9 in 10 of them) so a CPU run of a few hundred steps learns something and decoding stays cheap. seq_kd is
-# train_ds.py's default (this bench chose it): off here, and on again in the seq_kd method's own flags (given after).
-RECIPE = ["--micro_batch_size", "32", "--lr", "3e-3", "--warmup_steps", "20", "--model.max_source_len", "24",
-          "--model.max_target_len", "24", "--data.valid_subset", "32", "--log_every", "25", "--seq_kd", "false"]
+# The student's recipe, the same for every method; seq_kd is train_ds.py's default (this bench chose it): off here,
+# and on again in the seq_kd methods' own flags (given after).
+RECIPES = {
+    # scripts/quickstart.sh's distillation on the label subset
+    "labels": ["--micro_batch_size", "32", "--data.tokens_per_batch", "0", "--lr", "2e-3", "--warmup_steps", "100",
+               "--data.valid_subset", "200", "--log_every", "100", "--ds_config", "ds_configs/zero2.json",
+               "--seq_kd", "false"],
+    # the whole corpus: short sentences (the catalogs are mostly UI labels; 24 tokens keeps 9 in 10 of them) so a
+    # CPU run of a few hundred steps learns something and decoding stays cheap
+    "full": ["--micro_batch_size", "32", "--lr", "3e-3", "--warmup_steps", "20", "--model.max_source_len", "24",
+             "--model.max_target_len", "24", "--data.valid_subset", "32", "--log_every", "25", "--seq_kd", "false"],
+}
+
+
+@dataclass(frozen=True)
+class Bench:
+    """One corpus's set-up: its folder, its cache of runs, the student's recipe."""
+    corpus: str  # labels or full
+
+    @property
+    def data(self) -> Path:
+        return CATALOGS if self.corpus == "full" else self.cache / "labels"
+
+    @property
+    def cache(self) -> Path:
+        return ROOT / "bench" / ".cache" / "kd" / self.corpus
+
+    @property
+    def recipe(self) -> list[str]:
+        return RECIPES[self.corpus]
+
+    @property
+    def section(self) -> str:
+        return f"## KD methods (bench/kd_methods.py, {self.corpus})"
+
+
 TEACHER_SFT = ["--max_steps", "800", "--eval_every", "800", "--save_every", "800", "--micro_batch_size", "32",
                "--lr", "3e-3", "--warmup_steps", "30", "--data.valid_subset", "64", "--log_every", "50", "--seed", "0"]
 
@@ -92,28 +128,37 @@ def deepspeed(args: list[str], log: Path, tries: int = 2) -> float:
                      + log.read_text()[-3000:])
 
 
-def prepare_teacher() -> Path:
-    """The catalog corpus and a fine-tuned tiny teacher, built once under bench/.cache."""
+def prepare(bench: Bench, teacher: Path | None) -> Path:
+    """The corpus, built once under bench/.cache, and the teacher: the one given, the stored one for labels (checked
+    against this corpus's held-out catalogs), or for the whole corpus a tiny one fine-tuned here once."""
     import data
     import make_tiny_teacher
-    if not (CORPUS / "train.jsonl").is_file():
-        data.build_catalog_corpus("/usr/share/locale", CORPUS)
-    base, sft = CACHE / "teacher-base", CACHE / "teacher-sft"
+    import stored_teacher
+    if not (CATALOGS / "train.jsonl").is_file():
+        data.build_catalog_corpus("/usr/share/locale", CATALOGS)
+    if bench.corpus == "labels" and not (bench.data / "train.jsonl").is_file():
+        data.write_label_subset(CATALOGS, bench.data, 3)
+    if teacher:
+        return teacher
+    if bench.corpus == "labels":
+        stored_teacher.check(STORED_TEACHER, CATALOGS)
+        return STORED_TEACHER
+    base, sft = bench.cache / "teacher-base", bench.cache / "teacher-sft"
     if not (base / "config.json").is_file():
-        make_tiny_teacher.build_teacher(data.read_pairs(CORPUS / "train.jsonl"), base, "tiny", force=True)
+        make_tiny_teacher.build_teacher(data.read_pairs(CATALOGS / "train.jsonl"), base, "tiny", force=True)
     if not (sft / "final" / "config.json").is_file():
         print("fine-tuning the teacher once (800 steps, several minutes)", file=sys.stderr)
-        deepspeed(["--stage", "sft", "--teacher", str(base), "--data", str(CORPUS), "--out", str(sft),
-                   *TEACHER_SFT], CACHE / "teacher-sft.log")
+        deepspeed(["--stage", "sft", "--teacher", str(base), "--data", str(CATALOGS), "--out", str(sft),
+                   *TEACHER_SFT], bench.cache / "teacher-sft.log")
     return sft / "final"
 
 
-def score(model: Path, limit: int) -> dict:
+def score(bench: Bench, model: Path, limit: int) -> dict:
     """BLEU/chrF per direction on the test split (inference.evaluate's own scoring, --limit pairs)."""
     import data
     from inference.evaluate import evaluate
     from inference.translator import Translator
-    pairs = data.read_pairs(CORPUS / "test.jsonl", on_bad_line="skip")[:limit]
+    pairs = data.read_pairs(bench.data / "test.jsonl", on_bad_line="skip")[:limit]
     translator = Translator(model)
     out = {}
     for direction in DIRECTIONS:
@@ -123,7 +168,7 @@ def score(model: Path, limit: int) -> dict:
     return out
 
 
-def reference_ce(model: Path, limit: int) -> dict:
+def reference_ce(bench: Bench, model: Path, limit: int) -> dict:
     """Teacher-forced cross-entropy of the test references (nats per target token) per direction: smooth where
     BLEU and chrF are not (a barely trained student's greedy output collapses to a few frequent tokens)."""
     import torch
@@ -136,15 +181,13 @@ def reference_ce(model: Path, limit: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model)
     vocab = data.VocabMap.load(model)
     builder = data.ExampleBuilder(tokenizer, vocab, student.config.max_source_len, student.config.max_target_len)
-    pairs = data.read_pairs(CORPUS / "test.jsonl", on_bad_line="skip")[:limit]
+    pairs = data.read_pairs(bench.data / "test.jsonl", on_bad_line="skip")[:limit]
     out = {}
     for direction in DIRECTIONS:
         examples, _ = builder.examples(pairs, [direction])  # pairs over the length limits are left out
         total, tokens = 0.0, 0
         for start in range(0, len(examples), 64):
-            batch = {k: torch.tensor(v) for k, v in data.collate(examples[start:start + 64], builder.pad_id,
-                                                                  builder.bos_id, vocab.student_of,
-                                                                  tokenizer.pad_token_id).items()}
+            batch = {k: torch.tensor(v) for k, v in builder.collate(examples[start:start + 64]).items()}
             with torch.no_grad():
                 logits = student(source_ids=batch["source_ids"], source_mask=batch["source_mask"],
                                  direction=batch["direction"], decoder_input_ids=batch["decoder_input_ids"]).logits
@@ -155,33 +198,33 @@ def reference_ce(model: Path, limit: int) -> dict:
     return out
 
 
-def run_method(method: str, seed: int, teacher: Path, steps: int, limit: int, force: bool) -> dict:
-    run = CACHE / "runs" / f"{method}-s{seed}"
+def run_method(bench: Bench, method: str, seed: int, teacher: Path, steps: int, limit: int, force: bool) -> dict:
+    run = bench.cache / "runs" / f"{method}-s{seed}"
     scores_file = run / "scores.json"
-    setting = {"method": method, "seed": seed, "steps": steps, "limit": limit, "args": METHODS[method]}
+    flags = METHODS[method] + (["--distill.seq_kd_cache", str(bench.cache / f"{method}_cache.jsonl")]
+                               if "--seq_kd" in METHODS[method] else [])
+    setting = {"method": method, "seed": seed, "steps": steps, "limit": limit, "args": flags,
+               "teacher": str(teacher), "recipe": bench.recipe}
     if scores_file.is_file() and not force:
         cached = json.loads(scores_file.read_text())
         if cached.get("setting") == setting:
             print(f"{method} seed {seed}: cached ({scores_file})", file=sys.stderr)
-            if "reference_ce" not in cached:  # scores from before the CE column: the student folder is kept
-                cached["reference_ce"] = reference_ce(run / "final", limit)
-                scores_file.write_text(json.dumps(cached, indent=2, ensure_ascii=False) + "\n")
             return cached
-    args = ["--stage", "distill", "--teacher", str(teacher), "--data", str(CORPUS), "--preset", "tiny",
+    args = ["--stage", "distill", "--teacher", str(teacher), "--data", str(bench.data), "--preset", "tiny",
             "--out", str(run), "--max_steps", str(steps), "--eval_every", str(steps), "--save_every", str(steps),
-            "--keep", "1", *RECIPE, "--seed", str(seed), *METHODS[method]]
+            "--keep", "1", *bench.recipe, "--seed", str(seed), *flags]
     import shutil
     shutil.rmtree(run, ignore_errors=True)
-    seconds = deepspeed(args, CACHE / "logs" / f"{method}-s{seed}.log")
+    seconds = deepspeed(args, bench.cache / "logs" / f"{method}-s{seed}.log")
     steps_log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [e for e in steps_log if "eval" not in e]
     start = time.perf_counter()
-    scores = score(run / "final", limit)
+    scores = score(bench, run / "final", limit)
     result = {"setting": setting, "train_seconds": round(seconds, 1),
               "score_seconds": round(time.perf_counter() - start, 1),
               "final_loss": statistics.fmean(e["loss"] for e in train[-20:]),
               "on_policy_steps": sum(bool(e.get("on_policy")) for e in train), "scores": scores,
-              "reference_ce": reference_ce(run / "final", limit)}
+              "reference_ce": reference_ce(bench, run / "final", limit)}
     seq_line = [line for line in (run / "train.log").read_text().splitlines() if "seq_kd:" in line]
     if seq_line:
         result["seq_kd_log"] = [line.split(" ", 1)[1] for line in seq_line]
@@ -252,27 +295,34 @@ def verdict(summary: dict) -> str:
     return " ".join(sentences)
 
 
-def write_markdown(text: str) -> None:
+def write_markdown(section: str, text: str) -> None:
     """Replace (or append) this bench's section of bench/RESULTS.md, leaving every other section as it is."""
     old = RESULTS_MD.read_text() if RESULTS_MD.is_file() else "# Benchmark results\n"
-    start = old.find(SECTION)
+    start = old.find(section)
     if start < 0:
         new = old.rstrip("\n") + "\n\n" + text
     else:
-        end = old.find("\n## ", start + len(SECTION))
+        end = old.find("\n## ", start + len(section))
         new = old[:start] + text + ("\n" + old[end + 1:] if end >= 0 else "")
     RESULTS_MD.write_text(new.rstrip("\n") + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", choices=sorted(RECIPES), default="labels",
+                        help="labels: the quickstart's short-label subset and stored teacher (default); full: the "
+                             "whole catalog corpus and a teacher fine-tuned here")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="teacher folder (default: models/tiny-qwen-labels for labels, one fine-tuned here for "
+                             "full)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all)")
     parser.add_argument("--seeds", default="1,2", help="comma-separated seeds (at least 2 for a spread)")
-    parser.add_argument("--steps", type=int, default=120,
-                        help="distillation steps per run (120: about 2 minutes a run on 2 shared CPU cores)")
-    parser.add_argument("--limit", type=int, default=300, help="test pairs scored per direction")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="distillation steps per run (default: the quickstart's 3,000 for labels, 120 for full)")
+    parser.add_argument("--limit", type=int, default=0,
+                        help="test pairs scored per direction (default: all 723 for labels, 300 for full)")
     parser.add_argument("--force", action="store_true", help="redo runs whose scores are cached")
-    parser.add_argument("--json", type=Path, default=None, help="default: bench/results/kd_methods-cpu.json")
+    parser.add_argument("--json", type=Path, default=None, help="default: bench/results/kd_methods-CORPUS-cpu.json")
     parser.add_argument("--note", default="", help="a sentence on the conditions (e.g. other load) for RESULTS.md")
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -280,45 +330,56 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    bench = Bench(args.corpus)
+    steps = args.steps or (3000 if bench.corpus == "labels" else 120)
+    limit = args.limit or (100000 if bench.corpus == "labels" else 300)
 
     import torch
     device = "gpu" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
-    teacher = prepare_teacher()
-    teacher_scores_file = CACHE / "teacher-sft" / f"scores-{args.limit}.json"
-    if not teacher_scores_file.is_file():
-        teacher_scores_file.write_text(json.dumps(score(teacher, args.limit), indent=2, ensure_ascii=False) + "\n")
+    teacher = prepare(bench, args.teacher)
+    teacher_scores_file = bench.cache / f"teacher-scores-{limit}.json"
+    if not teacher_scores_file.is_file() or json.loads(teacher_scores_file.read_text()).get("teacher") != str(teacher):
+        teacher_scores_file.parent.mkdir(parents=True, exist_ok=True)
+        teacher_scores_file.write_text(json.dumps({"teacher": str(teacher), **score(bench, teacher, limit)},
+                                                  indent=2, ensure_ascii=False) + "\n")
     teacher_scores = json.loads(teacher_scores_file.read_text())
-    runs = [run_method(m, seed, teacher, args.steps, args.limit, args.force) for m in methods for seed in seeds]
+    runs = [run_method(bench, m, seed, teacher, steps, limit, args.force) for m in methods for seed in seeds]
     summary = summarise(runs)
     elapsed = time.perf_counter() - started
     runs_seconds = sum(r["train_seconds"] + r.get("score_seconds", 0.0) for r in runs)
     print(table(summary))
     print(verdict(summary))
     cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    write_results(f"kd_methods-{device}", args.json, {
-        "device": device, "machine": cpu, "teacher": str(teacher.relative_to(ROOT)),
-        "teacher_scores": teacher_scores, "steps": args.steps, "seeds": seeds, "limit": args.limit,
-        "student": "tiny", "recipe": " ".join(RECIPE) + " (alpha 0.5, temperature 2)", "note": args.note,
-        "bench_seconds": round(elapsed), "runs_seconds": round(runs_seconds), "summary": summary, "runs": runs, "verdict": verdict(summary)})
+    write_results(f"kd_methods-{bench.corpus}-{device}", args.json, {
+        "device": device, "machine": cpu, "corpus": bench.corpus, "teacher": str(teacher),
+        "teacher_scores": teacher_scores, "steps": steps, "seeds": seeds, "limit": limit,
+        "student": "tiny", "recipe": " ".join(bench.recipe) + " (alpha 0.5, temperature 2)", "note": args.note,
+        "bench_seconds": round(elapsed), "runs_seconds": round(runs_seconds), "summary": summary, "runs": runs,
+        "verdict": verdict(summary)})
     teacher_line = ", ".join(f"{d} BLEU {teacher_scores[d]['bleu']:.2f} chrF {teacher_scores[d]['chrf']:.2f}"
                              for d in DIRECTIONS)
-    write_markdown(
-        f"{SECTION}\n\n"
-        f"`python bench/kd_methods.py --steps {args.steps} --seeds {args.seeds} --limit {args.limit}` on {device} "
-        f"({cpu}), 2 ranks: {runs_seconds / 60:.0f} minutes for the {len(runs)} runs (training and scoring), "
-        f"plus once the teacher's fine-tuning (about 7 minutes) and scoring. {args.note + ' ' if args.note else ''}"
-        f"The `tiny` student, {args.steps} steps, `{' '.join(RECIPE)}`; alpha 0.5 and temperature 2 for every method "
-        f"but ce_only (alpha 0); seq_kd, seq_kd_beam4 and on_policy use forward KL. Teacher: the "
-        f"tiny Qwen2-shaped model fine-tuned 800 steps ({teacher_line}). Scores: inference.evaluate on the first "
-        f"{args.limit} test pairs per direction; CE = teacher-forced cross-entropy of those references (nats per "
-        f"token, lower is better; ce_only trains on that very objective alone, the others give it weight 0.5); mean "
-        f"± spread over seeds {args.seeds} (spread = half the range).\n\n"
-        f"{table(summary)}\n\n{verdict(summary)}\n\n"
-        "On CPU both models are trained from scratch for minutes: the teacher itself scores near zero BLEU, and so "
-        "does every student. chrF is the more telling number at this scale; what holds for a real Qwen teacher on "
-        "a GPU has to be measured there (`--steps`, `--seeds`).\n\n"
-        "Raw numbers per run: bench/results/kd_methods-cpu.json.\n")
+    n_test = teacher_scores[DIRECTIONS[0]]["n"]
+    about_teacher = (f"the stored teacher {teacher.relative_to(ROOT) if teacher.is_relative_to(ROOT) else teacher} "
+                     f"(scripts/stored_teacher.py; {teacher_line})" if bench.corpus == "labels" else
+                     f"the tiny Qwen2-shaped model fine-tuned 800 steps here ({teacher_line})")
+    closing = ("The label subset is what a from-scratch model learns on a CPU in minutes; the student is the "
+               "quickstart's, with the quickstart's teacher." if bench.corpus == "labels" else
+               "On CPU both models are trained from scratch for minutes: the teacher itself scores near zero BLEU, "
+               "and so does every student. chrF is the more telling number at this scale; what holds for a real "
+               "Qwen teacher on a GPU has to be measured there (`--steps`, `--seeds`).")
+    write_markdown(bench.section,
+        f"{bench.section}\n\n"
+        f"`python bench/kd_methods.py --corpus {bench.corpus} --methods {args.methods} --steps {steps} --seeds "
+        f"{args.seeds}` on {device} ({cpu}), 2 ranks: {runs_seconds / 60:.0f} minutes for the {len(runs)} runs "
+        f"(training and scoring). {args.note + ' ' if args.note else ''}"
+        f"The `tiny` student, {steps} steps, `{' '.join(bench.recipe)}`; alpha 0.5 and temperature 2 for every "
+        f"method but ce_only (alpha 0); seq_kd, seq_kd_beam4 and on_policy use forward KL. Teacher: "
+        f"{about_teacher}. Scores: inference.evaluate on {n_test} test pairs per direction; CE = teacher-forced "
+        f"cross-entropy of those references (nats per token, lower is better; ce_only trains on that very objective "
+        f"alone, the others give it weight 0.5); mean ± spread over seeds {args.seeds} (spread = half the range)."
+        f"\n\n{table(summary)}\n\n{verdict(summary)}\n\n{closing}\n\n"
+        f"Raw numbers per run: bench/results/kd_methods-{bench.corpus}-{device}.json.\n")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,17 @@ from inference.metrics import score
 from inference.translator import Translator
 
 
-def evaluate(translator: Translator, pairs: list[data.Pair], direction: str, num_beams: int = 1) -> dict:
+def spread(count: int, n: int) -> list[int]:
+    """n indices spread evenly over range(count), first and last included (all of them when count <= n): a fixed
+    sample across a test file, not its first lines, which come from one catalog."""
+    if count <= n or n <= 1:
+        return list(range(min(count, n)))
+    return [round(i * (count - 1) / (n - 1)) for i in range(n)]
+
+
+def evaluate(translator: Translator, pairs: list[data.Pair], direction: str, num_beams: int = 1,
+             examples: int = 5) -> dict:
+    """Scores of translator on pairs in one direction, with `examples` translations spread over the pairs."""
     src_lang, tgt_lang = direction.split("-")
     fits = [translator.fits(p.side(src_lang)) for p in pairs]
     too_long = fits.count(False)
@@ -33,8 +43,8 @@ def evaluate(translator: Translator, pairs: list[data.Pair], direction: str, num
     result.update(direction=direction, skipped_too_long=len(pairs) - len(usable),
                   split_too_long=too_long if translator.split_long else 0,
                   ms_per_sentence=round(1000 * elapsed / max(1, len(usable)), 2), params=translator.parameters,
-                  examples=[{"source": p.side(src_lang), "hypothesis": h, "reference": p.side(tgt_lang)}
-                            for p, h in list(zip(usable, hyps))[:5]])
+                  examples=[{"source": usable[i].side(src_lang), "hypothesis": hyps[i],
+                             "reference": usable[i].side(tgt_lang)} for i in spread(len(usable), examples)])
     return result
 
 
@@ -60,13 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split_long", action="store_true",
                         help="translate sources over the model's length limit sentence by sentence "
                              "(default: leave them out and count them in skipped_too_long)")
+    parser.add_argument("--examples", type=int, default=5,
+                        help="translations kept in the JSON, spread evenly over the test pairs (default 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a summary line")
     args = parser.parse_args(argv)
     try:
         pairs = data.read_pairs(args.test, on_bad_line="skip")
         pairs = pairs[:args.limit] if args.limit else pairs
         translator = Translator(args.model, args.device, backend=args.backend, split_long=args.split_long)
-        result = evaluate(translator, pairs, args.direction, args.num_beams)
+        result = evaluate(translator, pairs, args.direction, args.num_beams, args.examples)
         result["test"] = str(args.test)  # names the split in a model card (inference.model_card --eval)
     except (data.CorpusError, data.VocabMismatchError, FileNotFoundError, backends.BackendError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)

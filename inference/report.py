@@ -2,7 +2,8 @@
 
     python -m inference.report --run runs/quickstart [--dist runs/quickstart/dist/rv1126b]
 
-Reads only the run's own files: RUN/eval.json (teacher and student scores from `inference.evaluate`),
+Reads only the run's own files: RUN/eval.json (teacher and student scores from `inference.evaluate` on the label
+test subset and on the full test split; see read_eval),
 RUN/{sft,distill}/metrics.jsonl (losses and evaluations logged by train_ds.py), the model folders' sizes,
 and DIST/report.json (ONNX and RKNN figures from `python -m deploy`). Writes RUN/report.md and RUN/*.png.
 """
@@ -57,15 +58,28 @@ def size_mb(path: Path) -> float:
     return path.stat().st_size / 2 ** 20 if path.is_file() else float("nan")
 
 
+SUBSETS = ("labels", "full")  # RUN/eval.json: the short-label test subset the demo trains for, and the whole split
+SCALE_NOTE = ("For scale, not measured here: Mozilla's distilled on-device zh-en students (about 43M parameters, int8) "
+              "score 27.6 BLEU zh-en and 38.8 en-zh on the Flores test (firefox-translations-models), distilled from "
+              "large teachers on tens of millions of sentence pairs on GPUs; that is the kind of run a real Qwen "
+              "teacher is for.")
+
+
+def read_eval(run: Path) -> dict:
+    """RUN/eval.json: {"splits": {subset: test file}, "scores": {subset: {"<stage>.<direction>": result}}}, where
+    each result is what inference.evaluate --json printed."""
+    return json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {"scores": {}}
+
+
 def table_rows(run: Path, dist: Path | None) -> list[list[str]]:
-    evaluations = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
+    evaluations = read_eval(run)["scores"]
     rows = []
     for stage, label in (("sft", "teacher (fine-tuned)"), ("distill", "student (PyTorch)")):
-        scores = [evaluations.get(f"{stage}.{d}") for d in DIRECTIONS]
+        scores = [evaluations.get(subset, {}).get(f"{stage}.{d}") for subset in SUBSETS for d in DIRECTIONS]
         if not any(scores):
             continue
         params = next(s["params"] for s in scores if s)
-        ms = sum(s["ms_per_sentence"] for s in scores if s) / len([s for s in scores if s])
+        ms = sum(s["ms_per_sentence"] for s in scores[:2] if s) / max(1, len([s for s in scores[:2] if s]))
         rows.append([label, f"{params:,}", f"{size_mb(run / stage / 'final' / 'model.safetensors'):.2f}",
                      *[f"{s['bleu']:.2f} / {s['chrf']:.2f}" if s else "-" for s in scores], f"{ms:.2f}"])
     if dist and (dist / "report.json").is_file():
@@ -74,45 +88,69 @@ def table_rows(run: Path, dist: Path | None) -> list[list[str]]:
         params = deployed["quality"]["torch"]["zh-en"]["params"]
         for backend, label in (("onnx", "ONNX fp32"), ("onnx-int8", "ONNX int8 (CPU)"),
                                ("rknn-sim:w8a8", "RKNN int8 (simulator)"),
-                               (f"rknn-sim:{chosen}", f"RKNN {chosen}, chosen (simulator)")):
+                               (f"rknn-sim:{chosen}", f"RKNN {chosen}, shipped (simulator)")):
             scores = deployed["quality"].get(backend)
             if not scores or (backend == "rknn-sim:w8a8" and chosen == "w8a8" and label.startswith("RKNN int8")):
                 continue
             ms = sum(scores[d]["ms_per_sentence"] for d in DIRECTIONS) / 2
             rows.append([label, f"{params:,}", f"{deployed['sizes'][backend] / 2 ** 20:.2f}",
-                         *[f"{scores[d]['bleu']:.2f} / {scores[d]['chrf']:.2f}" for d in DIRECTIONS], f"{ms:.2f}"])
+                         *[f"{scores[d]['bleu']:.2f} / {scores[d]['chrf']:.2f}" for d in DIRECTIONS], "-", "-",
+                         f"{ms:.2f}"])
     return rows
 
 
-def examples(run: Path, limit: int = 4) -> list[str]:
-    evaluations = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
+def example_table(evaluations: dict, subset: str, direction: str, pick) -> list[str]:
+    """Reference, teacher and student side by side for the student's examples that `pick` keeps."""
+    student = pick(evaluations.get(subset, {}).get(f"distill.{direction}", {}).get("examples", []))
+    teacher = {e["source"]: e["hypothesis"]
+               for e in evaluations.get(subset, {}).get(f"sft.{direction}", {}).get("examples", [])}
+    if not student:
+        return []
+    lines = ["| source | reference | teacher | student |", "|---|---|---|---|"]
+    for e in student:
+        cells = [e["source"], e["reference"], teacher.get(e["source"], ""), e["hypothesis"]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|")[:80] for c in cells) + " |")
+    return lines
+
+
+def longest(examples: list[dict], n: int = 3) -> list[dict]:
+    return sorted(examples, key=lambda e: -len(e["source"]))[:n]
+
+
+def examples(run: Path) -> list[str]:
+    """A fixed sample of the label test subset in both directions (spread over the file by inference.evaluate, so
+    a reader judges the same sentences run after run), then the longest sentences of the full split's sample."""
+    evaluations = read_eval(run)["scores"]
     lines = []
     for direction in DIRECTIONS:
-        student = evaluations.get(f"distill.{direction}", {}).get("examples", [])
-        teacher = {e["source"]: e["hypothesis"] for e in evaluations.get(f"sft.{direction}", {}).get("examples", [])}
-        if student:
-            lines += [f"\n**{direction}**\n", "| source | reference | teacher | student |", "|---|---|---|---|"]
-            for e in student[:limit]:
-                cells = [e["source"], e["reference"], teacher.get(e["source"], ""), e["hypothesis"]]
-                lines.append("| " + " | ".join(c.replace("|", "\\|")[:80] for c in cells) + " |")
+        labels = example_table(evaluations, "labels", direction, list)
+        sentences = example_table(evaluations, "full", direction, longest)
+        if labels:
+            lines += [f"\n**{direction}, short labels** (the subset the demo trains for)\n", *labels]
+        if sentences:
+            lines += [f"\n**{direction}, longer sentences** (the full test split)\n", *sentences]
     return lines
 
 
 def render(run: Path, dist: Path | None) -> Path:
     stages = {name: run / name for name in ("sft", "distill") if (run / name).is_dir()}
     pictures = plot(run, stages)
-    header = ["model", "parameters", "size on disk (MB)", "zh-en BLEU / chrF", "en-zh BLEU / chrF", "ms / sentence"]
+    splits = read_eval(run).get("splits", {})
+    header = ["model", "parameters", "size on disk (MB)", "labels zh-en BLEU / chrF", "labels en-zh BLEU / chrF",
+              "full zh-en BLEU / chrF", "full en-zh BLEU / chrF", "ms / sentence (labels)"]
     lines = [f"# Run report: {run}", "",
-             "Scores on the held-out test catalogs (greedy). A CPU demo trains both models from scratch on UI "
-             "strings for minutes, so it proves the pipeline, not translation quality; a real Qwen teacher on a "
-             "GPU is what brings BLEU up.", "",
+             "Scores on the held-out test catalogs (greedy): on their short labels (at most three English words, "
+             f"{splits.get('labels', 'the labels test split')}), the subset this CPU demo trains for, and on the "
+             f"whole test split ({splits.get('full', 'the full test split')}), whose longer sentences a "
+             "few-million-parameter model trained for minutes has not learnt. Deployed rows are scored on the "
+             "label subset by `python -m deploy`.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(run, dist)]
-    lines += ["", "## Training", ""] + [f"![{p}]({p})" for p in pictures]
+    lines += ["", SCALE_NOTE, "", "## Training", ""] + [f"![{p}]({p})" for p in pictures]
     lines += ["", "## Example translations"] + examples(run)
     lines += ["", "## Look closer", "", f"    bash scripts/tensorboard.sh {run}", ""]
     if dist:
-        lines += [f"Deployment details: {dist / 'report.md'}", ""]
+        lines += [f"Deployment details, with the precision that shipped and why: {dist / 'report.md'}", ""]
     out = run / "report.md"
     out.write_text("\n".join(lines))
     return out

@@ -23,26 +23,34 @@ DIRECTIONS = ("zh-en", "en-zh")
 STAGES = (("sft", "teacher (fine-tuned)"), ("distill", "student (PyTorch)"))
 
 
+SUBSETS = ("labels", "full")
+
+
 @pytest.fixture(scope="module")
 def run(run_root, sft_run, distill_run, small_corpus) -> Path:
-    """The shared run folder with RUN/eval.json, scored on 8 test pairs as quickstart's evaluate stage does."""
+    """The shared run folder with RUN/eval.json as quickstart's evaluate stage writes it: scores on a label subset
+    (here 8 test pairs) and on the full split (here 12 others), with 8 and 12 examples kept."""
     import data
     from inference.evaluate import evaluate
     from inference.translator import Translator
-    pairs = data.read_pairs(small_corpus / "test.jsonl")[:8]
-    results = {}
+    pairs = data.read_pairs(small_corpus / "test.jsonl")
+    subsets = {"labels": (pairs[:8], 8), "full": (pairs[8:20], 12)}
+    scores = {subset: {} for subset in SUBSETS}
     for stage in ("sft", "distill"):
         translator = Translator(run_root / stage / "final", "cpu")
-        for direction in DIRECTIONS:
-            results[f"{stage}.{direction}"] = evaluate(translator, pairs, direction)
-    (run_root / "eval.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        for subset, (chosen, examples) in subsets.items():
+            for direction in DIRECTIONS:
+                scores[subset][f"{stage}.{direction}"] = evaluate(translator, chosen, direction, examples=examples)
+    splits = {"labels": "the first 8 test pairs", "full": "the next 12"}
+    (run_root / "eval.json").write_text(json.dumps({"splits": splits, "scores": scores}, indent=2,
+                                                   ensure_ascii=False) + "\n")
     return run_root
 
 
 @pytest.fixture
 def dist(tmp_path, run) -> Path:
     """A deploy output folder holding report.json as `python -m deploy` writes it (the fields the report reads)."""
-    params = json.loads((run / "eval.json").read_text())["distill.zh-en"]["params"]
+    params = json.loads((run / "eval.json").read_text())["scores"]["labels"]["distill.zh-en"]["params"]
 
     def quality(bleu: float, chrf: float, ms: float) -> dict:
         return {d: {"bleu": bleu + i, "chrf": chrf + i, "ms_per_sentence": ms + i, "params": params, "n": 8}
@@ -70,24 +78,26 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|")[:80]
 
 
-def row(label: str, params: int, megabytes: float, zh: dict, en: dict) -> str:
+def row(label: str, params: int, megabytes: float, zh: dict, en: dict, full_zh: dict | None = None,
+        full_en: dict | None = None) -> str:
+    full = " | ".join(f"{s['bleu']:.2f} / {s['chrf']:.2f}" if s else "-" for s in (full_zh, full_en))
     return (f"| {label} | {params:,} | {megabytes:.2f} | {zh['bleu']:.2f} / {zh['chrf']:.2f} | "
-            f"{en['bleu']:.2f} / {en['chrf']:.2f} | {(zh['ms_per_sentence'] + en['ms_per_sentence']) / 2:.2f} |")
+            f"{en['bleu']:.2f} / {en['chrf']:.2f} | {full} | {(zh['ms_per_sentence'] + en['ms_per_sentence']) / 2:.2f} |")
 
 
 def expected_table(run: Path, dist: Path) -> list[str]:
     """The results table as the files say: the models' scores, parameters and speed from RUN/eval.json, their
     sizes from the model files, the deployed rows from DIST/report.json."""
-    scores = json.loads((run / "eval.json").read_text())
+    scores = json.loads((run / "eval.json").read_text())["scores"]
     rows = []
     for stage, label in STAGES:
-        zh, en = (scores[f"{stage}.{d}"] for d in DIRECTIONS)
-        assert zh["params"] == en["params"] > 0
+        zh, en, full_zh, full_en = (scores[subset][f"{stage}.{d}"] for subset in SUBSETS for d in DIRECTIONS)
+        assert zh["params"] == en["params"] == full_zh["params"] > 0
         rows.append(row(label, zh["params"], (run / stage / "final" / "model.safetensors").stat().st_size / 2 ** 20,
-                        zh, en))
+                        zh, en, full_zh, full_en))
     deployed = json.loads((dist / "report.json").read_text())
     for backend, label in (("onnx", "ONNX fp32"), ("onnx-int8", "ONNX int8 (CPU)"),
-                           ("rknn-sim:w8a8", "RKNN int8 (simulator)"), ("rknn-sim:fp16", "RKNN fp16, chosen (simulator)")):
+                           ("rknn-sim:w8a8", "RKNN int8 (simulator)"), ("rknn-sim:fp16", "RKNN fp16, shipped (simulator)")):
         rows.append(row(label, deployed["quality"]["torch"]["zh-en"]["params"], deployed["sizes"][backend] / 2 ** 20,
                         *(deployed["quality"][backend][d] for d in DIRECTIONS)))
     return rows
@@ -128,18 +138,22 @@ def test_report_numbers_come_from_the_run_files(run, dist, monkeypatch):
     assert "![training.png](training.png)" in text
     assert (run / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # Example translations: the student's first examples beside the references and the teacher's output.
-    scores = json.loads((run / "eval.json").read_text())
+    # Example translations: every kept label example and the three longest of the full split's, the student's
+    # beside the reference and the teacher's, in both directions; then the line on what to expect at scale.
+    scores = json.loads((run / "eval.json").read_text())["scores"]
     lines = text.splitlines()
     for direction in DIRECTIONS:
-        teacher = {e["source"]: e["hypothesis"] for e in scores[f"sft.{direction}"]["examples"]}
-        student = scores[f"distill.{direction}"]["examples"]
-        assert student
-        for e in student[:4]:
-            cells = [e["source"], e["reference"], teacher.get(e["source"], ""), e["hypothesis"]]
-            assert "| " + " | ".join(cell(c) for c in cells) + " |" in lines
+        for subset, count in (("labels", 8), ("full", 3)):
+            teacher = {e["source"]: e["hypothesis"] for e in scores[subset][f"sft.{direction}"]["examples"]}
+            student = scores[subset][f"distill.{direction}"]["examples"]
+            shown = student if subset == "labels" else sorted(student, key=lambda e: -len(e["source"]))[:3]
+            assert len(shown) == count
+            for e in shown:
+                cells = [e["source"], e["reference"], teacher.get(e["source"], ""), e["hypothesis"]]
+                assert "| " + " | ".join(cell(c) for c in cells) + " |" in lines
+    assert report.SCALE_NOTE in lines
     assert f"bash scripts/tensorboard.sh {run}" in text
-    assert f"Deployment details: {dist / 'report.md'}" in text
+    assert f"Deployment details, with the precision that shipped and why: {dist / 'report.md'}" in text
 
 
 def test_report_follows_the_files_when_they_change(run, dist, tmp_path):
@@ -149,12 +163,13 @@ def test_report_follows_the_files_when_they_change(run, dist, tmp_path):
     moved.mkdir()
     for stage in ("sft", "distill"):
         (moved / stage).symlink_to(run / stage, target_is_directory=True)
-    scores = json.loads((run / "eval.json").read_text())
-    for i, (name, result) in enumerate(scores.items()):
+    evaluations = json.loads((run / "eval.json").read_text())
+    results = [(name, result) for subset in SUBSETS for name, result in evaluations["scores"][subset].items()]
+    for i, (name, result) in enumerate(results):
         result.update(bleu=result["bleu"] + 10.25 + i, chrf=result["chrf"] + 20.5 + 2 * i,
                       ms_per_sentence=result["ms_per_sentence"] + 0.5 * i,
                       params=result["params"] + (1000 if name.startswith("sft.") else 2000))
-    (moved / "eval.json").write_text(json.dumps(scores, ensure_ascii=False))
+    (moved / "eval.json").write_text(json.dumps(evaluations, ensure_ascii=False))
     table = rendered_table(report.render(moved, dist).read_text())
     assert table == expected_table(moved, dist)
     assert table[:2] != expected_table(run, dist)[:2]
