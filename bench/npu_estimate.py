@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---|")
     for anchor in estimate.ANCHORS:
         fit = estimate.fit(anchor)
+        source = "model zoo table" if anchor.source == estimate.ZOO_TABLE else "demo README"
         print(f"| {anchor.chip} | {anchor.encoder_ms:.2f} | {anchor.decoder_ms:.2f} | {1e3 * fit.block_ms:.1f} | "
-              f"{fit.bandwidth_gb_s:.1f} | {'model zoo table' if anchor.source == estimate.ZOO_TABLE else 'demo README'} |")
+              f"{fit.bandwidth_gb_s:.1f} | {source} |")
     print(f"| **rv1126b** (from {estimate.REFERENCE_CHIP}) | | | {1e3 * calibration.block_ms.low:.1f}-"
           f"{1e3 * calibration.block_ms.high:.1f} | {calibration.bandwidth_gb_s.low:.1f}-"
           f"{calibration.bandwidth_gb_s.high:.1f} | clocks, RKLLM |\n")

@@ -253,8 +253,9 @@ def precision_table(rknn_report: dict, quality: dict[str, dict], fidelity: dict[
     return table
 
 
-def ms_range(ms: dict[str, float], unit: str = "ms") -> str:
-    return f"{ms['low']:.2f}-{ms['high']:.2f} {unit}"
+def span(ms: dict[str, float]) -> str:
+    """An estimate's range, low-high."""
+    return f"{ms['low']:.2f}-{ms['high']:.2f}"
 
 
 def choose_precision(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -271,11 +272,11 @@ def choose_precision(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if qualifying:
         chosen = min(qualifying, key=sentence_ms)
         others = [p for p in qualifying if p != chosen]
-        slower = "".join(f"; {p} {ms_range(table[p]['per_sentence_ms'])}" for p in others)
+        slower = "".join(f"; {p} {span(table[p]['per_sentence_ms'])} ms" for p in others)
         reason = (f"{chosen} keeps the translation (cosine >= {MIN_COSINE}, token agreement "
                   f"{100 * table[chosen]['agreement']:.1f}%, BLEU/chrF within {MAX_SCORE_DELTA:g} of fp32) and is "
                   f"{'the fastest of those that do' if others else 'the only one that does'} by the NPU estimate "
-                  f"({ms_range(table[chosen]['per_sentence_ms'])} a sentence{slower})")
+                  f"({span(table[chosen]['per_sentence_ms'])} ms a sentence{slower})")
         rejected = [p for p in table if p not in qualifying]
         if rejected:
             reason += f"; not qualifying: {failures(rejected)}"
@@ -335,7 +336,7 @@ def precision_rows(report: dict[str, Any]) -> list[str]:
         verdict = "yes" if row["qualifies"] else "no: " + "; ".join(row["failed"])
         rows.append(f"| {precision} | {row['size_bytes'] / 1024:.0f} | {row['cosine']['encoder']:.4f} | "
                     f"{row['cosine']['decoder']:.4f} | {100 * row['agreement']:.1f}% ({row['steps']} steps) | "
-                    f"{scores} | {ms_range(row['per_token_ms'], '')}| {verdict} |")
+                    f"{scores} | {span(row['per_token_ms'])} | {verdict} |")
     return rows
 
 
@@ -363,17 +364,18 @@ def quantization_notes(report: dict[str, Any]) -> list[str]:
 def latency_rows(report: dict[str, Any]) -> list[str]:
     est = report["estimates_all_precisions"]
     tokens = report["tokens_per_sentence"]
-    rows = ["| precision | ms/token | encoder ms | ms per sentence "
-            f"({tokens:.1f} tokens) | worst case ({report['parameters']['meta']['Tc']} tokens) |", "|---|---|---|---|---|"]
-    rows += [f"| {p} | {ms_range(e['per_token_ms'], '')}| {ms_range(e['encoder_ms'], '')}| "
-             f"{ms_range(e['per_sentence_ms'], '')}| {ms_range(e['worst_case_sentence_ms'], '')}|" for p, e in est.items()]
+    keys = ("per_token_ms", "encoder_ms", "per_sentence_ms", "worst_case_sentence_ms")
+    rows = [f"| precision | ms/token | encoder ms | ms per sentence ({tokens:.1f} tokens) | worst case "
+            f"({report['parameters']['meta']['Tc']} tokens) |", "|---|---|---|---|---|"]
+    rows += [f"| {p} | " + " | ".join(span(e[k]) for k in keys) + " |" for p, e in est.items()]
     cal = next(iter(est.values()))["calibration"]
     ref = next(a for a in cal["anchors"] if a["chip"] == cal["reference_fit"]["chip"])
     rows += ["", f"{estimate.LABEL}. Model (deploy/estimate.py): blocks x {1e3 * cal['block_ms']['low']:.1f}-"
              f"{1e3 * cal['block_ms']['high']:.1f} us + max(bytes / {cal['bandwidth_gb_s']['low']:.1f}-"
-             f"{cal['bandwidth_gb_s']['high']:.1f} GB/s, MACs / MAC rate), fitted to Rockchip's measured lite_transformer "
-             f"on {ref['chip']} single core (encoder {ref['encoder_ms']:.2f} ms, decoder step {ref['decoder_ms']:.2f} ms; "
-             f"{ref['source']}) and scaled to RV1126B's clocks and RKLLM's measured bandwidth there."]
+             f"{cal['bandwidth_gb_s']['high']:.1f} GB/s, MACs / MAC rate), fitted to Rockchip's measured "
+             f"lite_transformer on {ref['chip']} single core (encoder {ref['encoder_ms']:.2f} ms, decoder step "
+             f"{ref['decoder_ms']:.2f} ms; {ref['source']}) and scaled to RV1126B's clocks and RKLLM's measured "
+             "bandwidth there."]
     return rows
 
 
@@ -387,20 +389,21 @@ def report_markdown(report: dict[str, Any]) -> str:
              "## Precisions in the simulator, against fp32 onnxruntime", "", *precision_rows(report), "",
              f"**Shipped: {report['choice']['precision']}.** {report['choice']['reason']}.", "",
              f"A precision qualifies when each graph's output cosine is at least {MIN_COSINE}, its greedy token agrees "
-             f"with fp32's on at least {100 * MIN_AGREEMENT:.0f}% of the steps (teacher-forced along fp32's path, so one "
-             f"early flip counts once), BLEU and chrF are within {MAX_SCORE_DELTA:g} point of fp32 in both directions "
-             "(either way; the brackets), and its 0/1 masks survive int8. The fastest qualifying one by the NPU "
-             "estimate ships; fp16 when none qualifies.", "", *quantization_notes(report), "",
+             f"with fp32's on at least {100 * MIN_AGREEMENT:.0f}% of the steps (teacher-forced along fp32's path, so "
+             f"one early flip counts once), BLEU and chrF are within {MAX_SCORE_DELTA:g} point of fp32 in both "
+             "directions (either way; the brackets), and its 0/1 masks survive int8. The fastest qualifying one by "
+             "the NPU estimate ships; fp16 when none qualifies.", "", *quantization_notes(report), "",
              "## NPU latency on RV1126B", "", *latency_rows(report), "",
-             "## Other backends", "", "| backend | " + " | ".join(f"{d} BLEU | {d} chrF" for d in directions)
-             + " | size KB |", "|---|" + "---|---|" * len(directions) + "---|"]
+             "## Other backends", "",
+             "| backend | " + " | ".join(f"{d} BLEU | {d} chrF" for d in directions) + " | size KB |",
+             "|---|" + "---|---|" * len(directions) + "---|"]
     for backend in ("torch", "onnx", "onnx-int8"):
         per_direction, size = report["quality"][backend], report["sizes"].get(backend)
         cells = " | ".join(f"{per_direction[d]['bleu']:.2f} | {per_direction[d]['chrf']:.2f}" for d in directions)
         lines.append(f"| {backend} | {cells} | {size / 1024:.0f} |" if size else f"| {backend} | {cells} | |")
     parity, host = report["parity"]["onnx"], report["host_cpu"]["onnx"]
-    lines += ["", f"- ONNX parity with torch: max |logit diff| {parity['max_abs_diff_logits']:.2e}, greedy identical on "
-              f"{parity['greedy_identical']}/{parity['greedy_total']} sentences.",
+    lines += ["", f"- ONNX parity with torch: max |logit diff| {parity['max_abs_diff_logits']:.2e}, greedy identical "
+              f"on {parity['greedy_identical']}/{parity['greedy_total']} sentences.",
               f"- ONNX on one CPU thread: {host['ms_per_sentence']:.1f} ms/sentence, peak RSS "
               f"{host['peak_rss_mb']:.0f} MB.",
               "- NPU estimate of the shipped precision, " + estimate.summary(report["estimate"]).replace("\n", "; ")
@@ -487,7 +490,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for precision, row in table.items():
         log.info("  %-6s cosine enc %.4f dec %.4f, agreement %.1f%%, NPU %s/token: %s", precision,
                  row["cosine"]["encoder"], row["cosine"]["decoder"], 100 * row["agreement"],
-                 ms_range(row["per_token_ms"]), "qualifies" if row["qualifies"] else "; ".join(row["failed"]))
+                 span(row["per_token_ms"]) + " ms", "qualifies" if row["qualifies"] else "; ".join(row["failed"]))
     choice = choose_precision(table)
     log.info("  shipping %s: %s", choice["precision"], choice["reason"])
 

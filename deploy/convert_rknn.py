@@ -277,24 +277,25 @@ def load_onnx(rknn: Any, io: GraphIO, toolkit: ToolkitIO, what: str) -> None:
                  outputs=io.outputs)
 
 
-def float16_layers(quantized_model: Path) -> list[str]:
-    """Output tensors of the attention and normalisation layers in step1's quantized graph (an ONNX ModelProto in
-    the toolkit's own op set), in graph order."""
+def read_quantized_graph(path: Path) -> Any:
+    """step1's quantized graph (<graph>.model): an ONNX ModelProto in the toolkit's own op set."""
     import onnx
 
     model = onnx.ModelProto()
-    model.ParseFromString(quantized_model.read_bytes())
+    model.ParseFromString(path.read_bytes())
+    return model
+
+
+def float16_layers(model: Any) -> list[str]:
+    """Output tensors of the attention and normalisation layers of a quantized graph, in graph order."""
     return [out for node in model.graph.node if node.op_type in HYBRID_FLOAT16_OPS for out in node.output]
 
 
-def input_conversions(quantized_model: Path) -> dict[str, str]:
+def input_conversions(model: Any) -> dict[str, str]:
     """Graph input -> the tensor its float32-to-int8 conversion writes (whose parameters the cfg holds)."""
-    import onnx
-
-    model = onnx.ModelProto()
-    model.ParseFromString(quantized_model.read_bytes())
+    inputs = {i.name for i in model.graph.input}
     return {node.input[0]: node.output[0] for node in model.graph.node
-            if node.op_type == "exDataConvert" and node.input and node.input[0] in {i.name for i in model.graph.input}}
+            if node.op_type == "exDataConvert" and node.input and node.input[0] in inputs}
 
 
 def tensor_parameters(cfg_text: str, tensor: str) -> tuple[float, int] | None:
@@ -360,7 +361,8 @@ def two_step_build(name: str, io: GraphIO, opts: BuildOptions, dataset: Path, to
         step1.release()
     # step1 names its files after the ONNX file and writes them into the working directory: the scratch folder.
     model, weights, cfg = (toolkit.scratch / f"{io.path.stem}{ext}" for ext in (".model", ".data", ".quantization.cfg"))
-    kept = float16_layers(model) if opts.precision == "hybrid" else []
+    graph = read_quantized_graph(model)
+    kept = float16_layers(graph) if opts.precision == "hybrid" else []
     masks = [n for n in io.inputs if n.endswith("_mask")]
     cfg_text = cfg.read_text()
     edited = cfg.with_name(f"{io.path.stem}.{opts.precision}.cfg")
@@ -372,7 +374,7 @@ def two_step_build(name: str, io: GraphIO, opts: BuildOptions, dataset: Path, to
     except BaseException:
         rknn.release()
         raise
-    return rknn, {"masks": mask_quantization(cfg_text, input_conversions(model), masks), "float16_layers": kept}
+    return rknn, {"masks": mask_quantization(cfg_text, input_conversions(graph), masks), "float16_layers": kept}
 
 
 def build_graph(name: str, io: GraphIO, opts: BuildOptions, calib: Sequence[Sample], toolkit: ToolkitIO,

@@ -148,9 +148,6 @@ class Range:
     low: float
     high: float
 
-    def __str__(self) -> str:
-        return f"{self.low:.2f}-{self.high:.2f}"
-
 
 @dataclass(frozen=True)
 class Calibration:

@@ -273,7 +273,8 @@ def test_the_fastest_qualifying_precision_wins() -> None:
     table = {"w8a8": row(agreement=0.9, high_ms=5), "fp16": row(high_ms=9), "hybrid": row(high_ms=7)}
     choice = pipeline.choose_precision(table)
     assert choice["precision"] == "hybrid" and choice["qualifying"] == ["fp16", "hybrid"]
-    assert choice["reason"].startswith("hybrid keeps the translation") and "fastest of those that do" in choice["reason"]
+    assert choice["reason"].startswith("hybrid keeps the translation")
+    assert "fastest of those that do" in choice["reason"]
     assert "fp16 4.50-9.00 ms" in choice["reason"] and "w8a8: token agreement 90.0% < 98%" in choice["reason"]
 
 
