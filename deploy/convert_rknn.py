@@ -1,7 +1,7 @@
 """Convert encoder.onnx / decoder.onnx to .rknn for each precision and check them in the RKNN simulator.
 
 Runs INSIDE the RKNN venv (create it with `bash deploy/setup_rknn_env.sh`); imports only the stdlib, numpy,
-onnxruntime and rknn-toolkit2, never the training code.
+onnxruntime, onnx (the toolkit's own dependency) and rknn-toolkit2, never the training code.
 
     .venv-rknn/bin/python deploy/convert_rknn.py --onnx_dir DIST/onnx --calib DIST/onnx/calib.npz \
         --eval DIST/onnx/eval.npz --precision w8a8,fp16 --out DIST/rknn
@@ -12,13 +12,23 @@ input's static shape (docs/CONTRACTS.md). Sample i of a graph is the i-th row of
 between the encoder and the decoder (the decoder usually has several steps per sentence). Realistic decoder rows
 (states/caches produced by earlier steps, masks as the runner shifts them) calibrate far better than noise.
 
+Precisions: fp16 and w4a16 come from `build`. w8a8 and hybrid both come from the toolkit's two-step path:
+hybrid_quantization_step1 quantizes the graph with the calibration rows and writes its per-tensor parameters
+(<graph>.quantization.cfg), hybrid_quantization_step2 builds from them. w8a8 takes the file as written; hybrid lists
+the output of every attention (exSDPAttention) and normalisation (exNorm) layer in its `custom_quantize_layers` as
+float16 (the layers int8 hurts most on RV1126B: per-tensor int8 attention, an fp16-only norm kernel), so the two
+differ exactly by those layers, every time.
+
 Output: OUT/<precision>/{encoder,decoder}.rknn, OUT/<precision>/<graph>.build.log (the toolkit's own chatter),
-and OUT/rknn_report.json: per precision and graph the file size, build seconds, per-output cosine/max-abs-diff of the
-simulator against onnxruntime, where the toolkit placed each op (NPU or CPU, counted by op type) and which ops went to
-the CPU, the in/out tensors whose dtype the build changed
-from float32 (what the board runtime will see; empty for fp16, whose I/O the runtime converts itself),
+and OUT/rknn_report.json: per precision and graph the file size and sha256, build seconds, per-output
+cosine/max-abs-diff of the simulator against onnxruntime, where the toolkit placed each op (NPU or CPU, counted by op
+type) and at which dtype, which ops went to the CPU, the in/out tensors whose dtype the build changed from float32
+(what the board runtime will see; empty for fp16, whose I/O the runtime converts itself), for w8a8/hybrid the int8
+scale and zero point of each 0/1 mask input (and whether 0 and 1 survive exactly) and the layers kept in float16,
 and, where an output's cosine falls below --analysis_cos_thresh (0.99), the worst layers from accuracy_analysis
-on the eval sample with the lowest cosine.
+on the eval sample with the lowest cosine. `hybrid_vs_w8a8` says whether hybrid came out the same as w8a8: by file
+hash, and by its layers' dtypes (the toolkit's .rknn bytes differ between two builds of one graph, so equal layer
+dtypes is the test that means something).
 
 Board-side facts found here: 4-D inputs (cross-attention keys/values, the transformer's caches) are NCHW in the
 npz and in `inference` (the toolkit assumes NHWC unless told), and quantized builds change the model's I/O dtypes
@@ -28,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -36,7 +47,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +60,7 @@ PRECISIONS = ("w8a8", "fp16", "w4a16", "hybrid")
 QUANT_ALGORITHMS = ("normal", "mmse", "kl_divergence")
 W4A16_TARGETS = frozenset({"rv1126b", "rk3576"})  # the only NPUs with 4-bit weight kernels (toolkit API reference)
 ANALYSIS_COS_THRESH = 0.99  # below this on any output, run accuracy_analysis to name the layers that lose it
+HYBRID_FLOAT16_OPS = ("exSDPAttention", "exNorm")  # hybrid keeps these toolkit layers in float16
 N_WORST_LAYERS = 5
 
 
@@ -83,7 +95,6 @@ class BuildOptions:
     precision: str
     target: str = "rv1126b"
     quant_algorithm: str = "normal"
-    hybrid_cos_thresh: float = 0.98
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -98,6 +109,11 @@ class BuildOptions:
     @property
     def quantized(self) -> bool:
         return self.precision != "fp16"
+
+    @property
+    def two_step(self) -> bool:
+        """Built through hybrid_quantization_step1/step2 (see the module docstring)."""
+        return self.precision in ("w8a8", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -219,8 +235,6 @@ def config_kwargs(opts: BuildOptions) -> dict[str, Any]:
     if opts.quantized:
         kwargs["quantized_dtype"] = "w4a16" if opts.precision == "w4a16" else "w8a8"
         kwargs["quantized_algorithm"] = opts.quant_algorithm
-    if opts.precision == "hybrid":
-        kwargs["auto_hybrid_cos_thresh"] = opts.hybrid_cos_thresh
     return kwargs
 
 
@@ -233,6 +247,7 @@ class BuiltGraph:
     rknn: Any
     build_seconds: float
     toolkit: ToolkitIO
+    quantization: dict[str, Any] = field(default_factory=dict)  # two-step builds: masks and float16 layers
 
     def run(self, sample: Sample) -> list[np.ndarray]:
         # 'nchw' for every input: 4-D inputs (the cache) are NCHW like the ONNX graph; the toolkit ignores the
@@ -245,24 +260,144 @@ class BuiltGraph:
         self.rknn.release()
 
 
+def new_rknn(toolkit: ToolkitIO, opts: BuildOptions) -> Any:
+    """A configured RKNN object; verbose, so the layer table (which op runs where, at which dtype) reaches the log."""
+    with toolkit.redirected():
+        rknn = import_rknn()(verbose=True)
+    try:
+        toolkit.call(f"{opts.precision} config", rknn.config, **config_kwargs(opts))
+    except BaseException:
+        rknn.release()
+        raise
+    return rknn
+
+
+def load_onnx(rknn: Any, io: GraphIO, toolkit: ToolkitIO, what: str) -> None:
+    toolkit.call(f"{what} load_onnx", rknn.load_onnx, str(io.path), inputs=io.inputs, input_size_list=io.shapes,
+                 outputs=io.outputs)
+
+
+def read_quantized_graph(path: Path) -> Any:
+    """step1's quantized graph (<graph>.model): an ONNX ModelProto in the toolkit's own op set."""
+    import onnx
+
+    model = onnx.ModelProto()
+    model.ParseFromString(path.read_bytes())
+    return model
+
+
+def float16_layers(model: Any) -> list[str]:
+    """Output tensors of the attention and normalisation layers of a quantized graph, in graph order."""
+    return [out for node in model.graph.node if node.op_type in HYBRID_FLOAT16_OPS for out in node.output]
+
+
+def input_conversions(model: Any) -> dict[str, str]:
+    """Graph input -> the tensor its float32-to-int8 conversion writes (whose parameters the cfg holds)."""
+    inputs = {i.name for i in model.graph.input}
+    return {node.input[0]: node.output[0] for node in model.graph.node
+            if node.op_type == "exDataConvert" and node.input and node.input[0] in inputs}
+
+
+def tensor_parameters(cfg_text: str, tensor: str) -> tuple[float, int] | None:
+    """(scale, zero point) of one tensor in a .quantization.cfg, None when it is not quantized there. The file is
+    the toolkit's YAML (4-space tensor keys, `-   value` list items); this venv has no YAML library."""
+    lines = cfg_text.splitlines()
+    try:
+        start = lines.index(f"    {tensor}:")
+    except ValueError:
+        return None
+    found: dict[str, str] = {}
+    key = ""
+    for line in lines[start + 1:]:
+        if line.startswith("    ") and not line.startswith("     "):
+            break  # the next tensor
+        text = line.strip()
+        if text.endswith(":"):
+            key = text[:-1]
+        elif text.startswith("-") and key in ("scale", "zero_point") and key not in found:
+            found[key] = text[1:].strip()  # "-   -128": the list dash, then the value
+    if set(found) != {"scale", "zero_point"}:
+        return None
+    return float(found["scale"]), int(found["zero_point"])
+
+
+def mask_quantization(cfg_text: str, conversions: Mapping[str, str], masks: Sequence[str]) -> dict[str, Any]:
+    """Per 0/1 mask input: its int8 scale and zero point, and whether 0 and 1 both come back exactly from int8
+    (q = clip(round(x / scale) + zp, -128, 127), x' = (q - zp) * scale)."""
+    result = {}
+    for mask in masks:
+        parameters = tensor_parameters(cfg_text, conversions.get(mask, ""))
+        if parameters is None:
+            result[mask] = {"quantized": False, "exact": True}
+            continue
+        scale, zero_point = parameters
+        back = [(min(127, max(-128, round(x / scale) + zero_point)) - zero_point) * scale for x in (0.0, 1.0)]
+        result[mask] = {"quantized": True, "scale": scale, "zero_point": zero_point,
+                        "exact": all(abs(b - x) < 1e-6 for b, x in zip(back, (0.0, 1.0)))}
+    return result
+
+
+def keep_float16(cfg_text: str, tensors: Sequence[str]) -> str:
+    """The cfg with `tensors` listed in custom_quantize_layers as float16 (the toolkit's format: output tensor name:
+    dtype)."""
+    marker = "custom_quantize_layers: {}\n"
+    if marker not in cfg_text:
+        raise ConvertError("the toolkit's .quantization.cfg has no empty custom_quantize_layers entry; this converter "
+                           "knows rknn-toolkit2 2.5.0's format (deploy/setup_rknn_env.sh installs it)")
+    entries = "".join(f"    {tensor}: float16\n" for tensor in tensors)
+    return cfg_text.replace(marker, "custom_quantize_layers:\n" + entries if entries else marker, 1)
+
+
+def two_step_build(name: str, io: GraphIO, opts: BuildOptions, dataset: Path, toolkit: ToolkitIO) -> tuple[Any, dict]:
+    """w8a8 or hybrid through hybrid_quantization_step1/step2 (module docstring); returns the built RKNN object and
+    what the report says about its quantization: the mask inputs' parameters and the layers kept in float16."""
+    what = f"{opts.precision} {name}"
+    step1 = new_rknn(toolkit, opts)
+    try:
+        load_onnx(step1, io, toolkit, what)
+        toolkit.call(f"{what} hybrid_quantization_step1", step1.hybrid_quantization_step1, dataset=str(dataset),
+                     proposal=False)
+    finally:
+        step1.release()
+    # step1 names its files after the ONNX file and writes them into the working directory: the scratch folder.
+    model, weights, cfg = (toolkit.scratch / f"{io.path.stem}{ext}" for ext in (".model", ".data", ".quantization.cfg"))
+    graph = read_quantized_graph(model)
+    kept = float16_layers(graph) if opts.precision == "hybrid" else []
+    masks = [n for n in io.inputs if n.endswith("_mask")]
+    cfg_text = cfg.read_text()
+    edited = cfg.with_name(f"{io.path.stem}.{opts.precision}.cfg")
+    edited.write_text(keep_float16(cfg_text, kept))
+    rknn = new_rknn(toolkit, opts)
+    try:
+        toolkit.call(f"{what} hybrid_quantization_step2", rknn.hybrid_quantization_step2, model_input=str(model),
+                     data_input=str(weights), model_quantization_cfg=str(edited))
+    except BaseException:
+        rknn.release()
+        raise
+    return rknn, {"masks": mask_quantization(cfg_text, input_conversions(graph), masks), "float16_layers": kept}
+
+
 def build_graph(name: str, io: GraphIO, opts: BuildOptions, calib: Sequence[Sample], toolkit: ToolkitIO,
                 export_path: Path | None = None) -> BuiltGraph:
-    """config + load_onnx + build (+ export_rknn) + init_runtime(simulator); the object stays live for inference."""
-    rknn_cls = import_rknn()
+    """Build (+ export_rknn) + init_runtime(simulator); the object stays live for inference."""
+    import_rknn()
     toolkit.log.parent.mkdir(parents=True, exist_ok=True)
     toolkit.log.write_text("")
     log.info("%s %s: building (toolkit log: %s)", opts.precision, name, toolkit.log)
-    with toolkit.redirected():
-        rknn = rknn_cls(verbose=True)  # verbose: the layer table (which op runs on CPU/NPU) goes to the log
     what = f"{opts.precision} {name}"
+    dataset = write_dataset(calib, io, toolkit.scratch / f"calib_{name}") if opts.quantized else None
+    start = time.perf_counter()
+    quantization: dict[str, Any] = {}
+    if opts.two_step:
+        assert dataset is not None
+        rknn, quantization = two_step_build(name, io, opts, dataset, toolkit)
+    else:
+        rknn = new_rknn(toolkit, opts)
     try:
-        toolkit.call(f"{what} config", rknn.config, **config_kwargs(opts))
-        toolkit.call(f"{what} load_onnx", rknn.load_onnx, str(io.path), inputs=io.inputs,
-                     input_size_list=io.shapes, outputs=io.outputs)
-        dataset = write_dataset(calib, io, toolkit.scratch / f"calib_{name}") if opts.quantized else None
-        start = time.perf_counter()
-        toolkit.call(f"{what} build", rknn.build, do_quantization=opts.quantized,
-                     dataset=str(dataset) if dataset else None, auto_hybrid=opts.precision == "hybrid")
+        if not opts.two_step:
+            load_onnx(rknn, io, toolkit, what)
+            toolkit.call(f"{what} build", rknn.build, do_quantization=opts.quantized,
+                         dataset=str(dataset) if dataset else None)
         seconds = time.perf_counter() - start
         if export_path is not None:
             export_path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +407,7 @@ def build_graph(name: str, io: GraphIO, opts: BuildOptions, calib: Sequence[Samp
     except BaseException:
         rknn.release()
         raise
-    return BuiltGraph(name, io, rknn, seconds, toolkit)
+    return BuiltGraph(name, io, rknn, seconds, toolkit, quantization)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -331,29 +466,29 @@ def worst_layers(graph: BuiltGraph, sample: Sample) -> list[dict[str, Any]]:
 
 
 _DTYPE_CHANGE = re.compile(r"default (input|output) dtype of '([^']+)' is changed from '\w+' to '(\w+)'")
-_HYBRID_FP16 = re.compile(r"Meet hybrid type, dtype: float16, tensor: (\S+)")
 # A row of the build's "Network Layer Information Table": ID, OpType, DataType, Target, ..., FullName.
-_TABLE_ROW = re.compile(r"^D RKNN: \[[^\]]*\]\s+\d+\s+(?P<op>\S+)\s+\S+\s+(?P<target>CPU|NPU|GPU)\s"
+_TABLE_ROW = re.compile(r"^D RKNN: \[[^\]]*\]\s+\d+\s+(?P<op>\S+)\s+(?P<dtype>\S+)\s+(?P<target>CPU|NPU|GPU)\s"
                         r".*?(?P<last>\S+)\s*$")
 
 
 def parse_build_log(text: str) -> dict[str, Any]:
     """From a verbose build log: where the toolkit placed each op (target -> op type -> count, from its "Network
-    Layer Information Table"), the ops on the CPU ('OpType:name'), I/O tensors whose dtype the build changed
-    (name -> new dtype), and the tensors auto-hybrid kept in float16."""
+    Layer Information Table"), at which dtype (op type -> dtype -> count), the ops on the CPU ('OpType:name') and
+    the I/O tensors whose dtype the build changed (name -> new dtype)."""
     text = _ANSI.sub("", text)
-    cpu_ops, placement = set(), {}
+    cpu_ops, placement, dtypes = set(), {}, {}
     for line in text.splitlines():
         row = _TABLE_ROW.match(line)
         if not row or row["op"] in ("InputOperator", "OutputOperator"):
             continue
         counts = placement.setdefault(row["target"], {})
         counts[row["op"]] = counts.get(row["op"], 0) + 1
+        by_dtype = dtypes.setdefault(row["op"], {})
+        by_dtype[row["dtype"]] = by_dtype.get(row["dtype"], 0) + 1
         if row["target"] == "CPU":
             cpu_ops.add(row["last"] if ":" in row["last"] else row["op"])
-    return {"cpu_ops": sorted(cpu_ops), "placement": placement,
-            "io_dtypes": {m[2]: m[3] for m in _DTYPE_CHANGE.finditer(text)},
-            "hybrid_fp16_tensors": sorted(set(_HYBRID_FP16.findall(text)))}
+    return {"cpu_ops": sorted(cpu_ops), "placement": placement, "layer_dtypes": dtypes,
+            "io_dtypes": {m[2]: m[3] for m in _DTYPE_CHANGE.finditer(text)}}
 
 
 class SimulatedModel:
@@ -434,16 +569,30 @@ def graph_report(graph: BuiltGraph, rknn_path: Path, out: Path, eval_samples: Se
     worst_cos = min(o["cos_min"] for o in outputs.values())
     worst = worst_layers(graph, eval_samples[worst_sample]) if worst_cos < analysis_cos_thresh else []
     return {"file": str(rknn_path.relative_to(out)), "size_bytes": rknn_path.stat().st_size,
+            "sha256": hashlib.sha256(rknn_path.read_bytes()).hexdigest(),
             "build_seconds": round(graph.build_seconds, 3), "outputs": outputs,
-            **parse_build_log(graph.toolkit.log.read_text(errors="replace")), "worst_layers": worst,
-            "log": str(graph.toolkit.log.relative_to(out))}
+            **parse_build_log(graph.toolkit.log.read_text(errors="replace")), **graph.quantization,
+            "worst_layers": worst, "log": str(graph.toolkit.log.relative_to(out))}
+
+
+def hybrid_vs_w8a8(precisions: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Whether hybrid came out the same as w8a8, per graph: identical files, and identical layer dtypes (which is
+    what "the same" means here: two builds of one graph already differ in some bytes)."""
+    if not {"hybrid", "w8a8"} <= set(precisions):
+        return None
+    graphs = {name: {"identical_file": g["sha256"] == precisions["w8a8"][name]["sha256"],
+                     "same_layer_dtypes": g["layer_dtypes"] == precisions["w8a8"][name]["layer_dtypes"],
+                     "float16_layers": len(g.get("float16_layers", []))}
+              for name, g in precisions["hybrid"].items()}
+    return {"graphs": graphs, "same_as_w8a8": all(g["identical_file"] or g["same_layer_dtypes"]
+                                                 for g in graphs.values())}
 
 
 def convert(onnx_dir: Path, calib: Path, eval_npz: Path | None, precisions: Sequence[str], out: Path,
             target: str = "rv1126b", quant_algorithm: str = "normal",
-            hybrid_cos_thresh: float = 0.98, analysis_cos_thresh: float = ANALYSIS_COS_THRESH) -> dict[str, Any]:
+            analysis_cos_thresh: float = ANALYSIS_COS_THRESH) -> dict[str, Any]:
     """Build, export and check every precision; write OUT/rknn_report.json and return the report."""
-    options = [BuildOptions(p, target, quant_algorithm, hybrid_cos_thresh) for p in precisions]  # validate all first
+    options = [BuildOptions(p, target, quant_algorithm) for p in precisions]  # validate all first
     import_rknn()
     out = out.resolve()
     eval_source = eval_npz or calib
@@ -451,7 +600,7 @@ def convert(onnx_dir: Path, calib: Path, eval_npz: Path | None, precisions: Sequ
     eval_samples = {name: load_samples(eval_source, name, GraphIO.from_onnx(onnx_dir / f"{name}.onnx"))
                     for name in GRAPHS}
     report: dict[str, Any] = {"toolkit_version": toolkit_version(), "target": target,
-                              "quant_algorithm": quant_algorithm, "hybrid_cos_thresh": hybrid_cos_thresh,
+                              "quant_algorithm": quant_algorithm, "hybrid_float16_ops": list(HYBRID_FLOAT16_OPS),
                               "onnx_dir": str(onnx_dir), "calib": str(calib), "eval": str(eval_source),
                               "eval_is_calib": eval_npz is None,
                               "n_eval": {name: len(rows) for name, rows in eval_samples.items()}, "precisions": {}}
@@ -463,6 +612,9 @@ def convert(onnx_dir: Path, calib: Path, eval_npz: Path | None, precisions: Sequ
                 name: graph_report(g, folder / f"{name}.rknn", out, eval_samples[name], analysis_cos_thresh)
                 for name, g in model.graphs.items()
             }
+    report["hybrid_vs_w8a8"] = hybrid_vs_w8a8(report["precisions"])
+    if report["hybrid_vs_w8a8"] and report["hybrid_vs_w8a8"]["same_as_w8a8"]:
+        log.warning("hybrid came out the same as w8a8 (no layer changed dtype): rknn_report.json hybrid_vs_w8a8")
     out.mkdir(parents=True, exist_ok=True)
     (out / "rknn_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -505,11 +657,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="target platform, any the toolkit knows: rk3588, rk3576, ... (default: rv1126b)")
     parser.add_argument("--precision", action="append", default=None,
                         help=f"precision(s) to build, repeatable or comma-separated, from {', '.join(PRECISIONS)}; "
-                             "hybrid = w8a8 with low-cosine layers kept in fp16 (default: w8a8,fp16)")
+                             "hybrid = w8a8 with attention and normalisation layers kept in fp16 (default: w8a8,fp16)")
     parser.add_argument("--quant_algorithm", default="normal", choices=QUANT_ALGORITHMS,
                         help="calibration algorithm for quantized precisions (default: normal)")
-    parser.add_argument("--hybrid_cos_thresh", type=float, default=0.98,
-                        help="hybrid: layers whose cosine falls below this stay in fp16 (default: 0.98)")
     parser.add_argument("--analysis_cos_thresh", type=float, default=ANALYSIS_COS_THRESH,
                         help="run accuracy_analysis for a graph whose worst output cosine falls below this "
                              f"(default: {ANALYSIS_COS_THRESH})")
@@ -525,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         report = convert(args.onnx_dir, args.calib, args.eval, args.precision, args.out, args.target,
-                         args.quant_algorithm, args.hybrid_cos_thresh, args.analysis_cos_thresh)
+                         args.quant_algorithm, args.analysis_cos_thresh)
     except ConvertError as exc:
         log.error("%s", exc)
         return 2

@@ -9,7 +9,8 @@ Writes into OUT (= DIST/onnx):
   embed.bin, meta.json         CPU-side embedding tables and the shapes/ids the graphs were exported with
   parity.json                  onnxruntime vs torch: max |logit diff| step by step (state carried) and greedy
                                translations of --n_parity test sentences against model.generate
-  calib.npz, eval.npz          rows for deploy/convert_rknn.py, made by greedy-decoding --calib / --test sentences
+  calib.npz, eval.npz          rows for deploy/convert_rknn.py, made by greedy-decoding --calib sentences / --test
+                               sentences (only those sharing no side with a --calib pair: calibration_disjoint)
 and beside it DIST/onnx-int8/ (onnxruntime dynamic int8, for CPU hosts without an NPU) and DIST/tokenizer/ (the
 student's tokenizer and vocabulary map, for inference.backends and the board's tokenizer.bin).
 """
@@ -227,11 +228,19 @@ class Request:
     direction: int
 
 
-def requests_from(path: Path, builder: data.ExampleBuilder, max_len: int, n: int,
+def calibration_disjoint(test: Sequence[data.Pair], calib: Sequence[data.Pair]) -> list[data.Pair]:
+    """The test pairs that share neither side with a calibration pair: what the RKNN checks and scores run on, so
+    no quantization range was fitted to a sentence it is judged on (UI strings repeat across catalogs)."""
+    seen = {p.zh.strip() for p in calib} | {p.en.strip() for p in calib}
+    return [p for p in test if p.zh.strip() not in seen and p.en.strip() not in seen]
+
+
+def requests_from(pairs: Sequence[data.Pair], what: Path, builder: data.ExampleBuilder, max_len: int, n: int,
                   directions: Sequence[str]) -> tuple[list[Request], int]:
-    """The first n pairs of a corpus file that fit max_len, alternating directions; also how many were too long."""
+    """The first n pairs that fit max_len, alternating directions; also how many were too long. `what`: the file
+    they came from, for the error."""
     requests, too_long = [], 0
-    for i, pair in enumerate(data.read_pairs(path, on_bad_line="skip")):
+    for i, pair in enumerate(pairs):
         direction = i % len(directions)
         ids = builder.student_ids(pair.side(directions[direction].split("-")[0]).strip())
         if len(ids) > max_len:
@@ -241,7 +250,7 @@ def requests_from(path: Path, builder: data.ExampleBuilder, max_len: int, n: int
         if len(requests) == n:
             break
     if not requests:
-        raise ExportError(f"{path}: no sentence of at most {max_len} tokens")
+        raise ExportError(f"{what}: no usable sentence of at most {max_len} tokens; give a file with shorter pairs")
     return requests, too_long
 
 
@@ -355,7 +364,9 @@ def export(opts: ExportOptions) -> dict:
 
     reference = TorchStepModel(student, io)
     onnx_fp32 = OnnxStepModel(dist.onnx)
-    requests, too_long = requests_from(opts.test, builder, S, opts.n_parity, meta.directions)
+    calib_pairs = data.read_pairs(opts.calib, on_bad_line="skip")
+    test_pairs = calibration_disjoint(data.read_pairs(opts.test, on_bad_line="skip"), calib_pairs)
+    requests, too_long = requests_from(test_pairs, opts.test, builder, S, opts.n_parity, meta.directions)
     log.info("parity on %d test sentences: torch generate vs onnxruntime fp32 and int8", len(requests))
     expected = [torch_greedy(student, r) for r in requests]
     report = {"sentences": len(requests), "skipped_too_long": too_long, "test": str(opts.test),
@@ -364,11 +375,11 @@ def export(opts: ExportOptions) -> dict:
     dist.parity.write_text(json.dumps(report, indent=2) + "\n")
     check_parity(report["onnx"])
 
-    calib, _ = requests_from(opts.calib, builder, S, opts.n_calib, meta.directions)
+    calib, _ = requests_from(calib_pairs, opts.calib, builder, S, opts.n_calib, meta.directions)
     log.info("RKNN calibration rows from %d --calib sentences, eval rows from %d --test sentences", len(calib),
              min(opts.n_eval, len(requests)))
     np.savez_compressed(dist.calib, **calibration_rows(tables, meta, onnx_fp32, calib))
-    # Eval rows only need to be unseen by calibration (another file), not by the parity check.
+    # Eval rows only need to be unseen by calibration (calibration_disjoint), not by the parity check.
     np.savez_compressed(dist.eval, **calibration_rows(tables, meta, onnx_fp32, requests[:opts.n_eval]))
     return report
 

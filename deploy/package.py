@@ -200,17 +200,20 @@ esac
 """
 
 
-def readme(meta: DeployMeta, precision: str, files: dict[str, int], npu: dict[str, Any], runner_note: str,
-           glibc: str) -> str:
+def readme(meta: DeployMeta, precision: str, reason: str, files: dict[str, int], npu: dict[str, Any],
+           runner_note: str, glibc: str) -> str:
     listing = "\n".join(f"| `{name}` | {size / 1024:,.0f} KB |" for name, size in files.items())
-    expect = (f"About {npu['per_token_ms']:.1f} ms of NPU time per output token and "
-              f"{npu['encoder_per_sentence']['ms']:.1f} ms for the encoder, so roughly {npu['per_sentence_ms']:.0f} ms "
-              f"for a {npu['tokens_per_sentence']:.0f}-token translation; about {npu['memory']['total_mb']:.0f} MB "
-              "resident. These are estimates from the graphs' MACs and bytes (deploy/estimate.py; every assumption is "
-              "in DIST/report.json), not board measurements: `./run.sh --bench` measures them.")
+    token, encoder, sentence = npu["per_token_ms"], npu["encoder_ms"], npu["per_sentence_ms"]
+    expect = (f"{token['low']:.1f}-{token['high']:.1f} ms of NPU time per output token and {encoder['low']:.1f}-"
+              f"{encoder['high']:.1f} ms for the encoder, so {sentence['low']:.0f}-{sentence['high']:.0f} ms for a "
+              f"{npu['tokens_per_sentence']:.0f}-token translation; about {npu['memory']['total_mb']:.0f} MB resident. "
+              "This is an estimate, not a board measurement: deploy/estimate.py fits Rockchip's measured "
+              "lite_transformer times (RK3576, one core) and scales them to this board's clocks and bandwidth (every "
+              "figure and its source is in DIST/report.json). `./run.sh --bench` measures the real figure.")
     return f"""# rk-distill on the RV1126B
 
-A {meta.parameters:,}-parameter zh<->en student ({meta.decoder} decoder), {precision} on the NPU.
+A {meta.parameters:,}-parameter zh<->en student ({meta.decoder} decoder), **{precision}** on the NPU.
+Why {precision}: {reason}.
 Runner: {runner_note}.
 The newest C library it asks for: {glibc} (read from its ELF's version needs when this folder was made; the
 board's glibc must be that or newer).
@@ -257,9 +260,10 @@ conversion to the model's types, cache shift, argmax) and the encoder's time per
 
 
 def package(dist: Dist, precision: str, runner: Path | None = None, tokens: float = 0.0,
-            rknn_sdk: Path | None = None) -> dict[str, Any]:
+            rknn_sdk: Path | None = None, reason: str = "") -> dict[str, Any]:
     """Fill dist.board and return {"folder", "precision", "runner", "glibc", "files": {name: bytes}}.
 
+    reason: why this precision ships, for the README (default: what DIST/report.json says, see shipped_reason).
     runner: a prebuilt aarch64 rk_translate, else one is built (linked against rknn_sdk's librknnrt.so if given).
     tokens: output tokens of a typical translation, for the README's latency estimate (0: the longest, Tc).
     The data files are written before the runner is built, so a failed build leaves a board folder that lacks only
@@ -290,10 +294,20 @@ def package(dist: Dist, precision: str, runner: Path | None = None, tokens: floa
     (board / "run.sh").chmod(0o755)
     files = {name: (board / name).stat().st_size for name in BOARD_FILES if name != "README.md"}
     npu = estimate.estimate(dist, precision, tokens)
-    (board / "README.md").write_text(readme(meta, precision, files, npu, note, glibc))
+    (board / "README.md").write_text(readme(meta, precision, reason or shipped_reason(dist, precision), files, npu,
+                                            note, glibc))
     files["README.md"] = (board / "README.md").stat().st_size
     log.info("board package: %s (%s, %.0f KB, runner needs %s)", board, precision, sum(files.values()) / 1024, glibc)
     return {"folder": str(board), "precision": precision, "runner": note, "glibc": glibc, "files": files}
+
+
+def shipped_reason(dist: Dist, precision: str) -> str:
+    """Why `python -m deploy` shipped this precision (DIST/report.json), or that someone picked it by hand."""
+    choice = json.loads(dist.report.read_text())["choice"] if dist.report.is_file() else {}
+    if choice.get("precision") == precision:
+        return choice["reason"]
+    return (f"chosen by hand (deploy.package --precision {precision}); DIST/report.md says which precisions keep the "
+            "translation")
 
 
 def load_meta(dist: Dist) -> DeployMeta:

@@ -5,11 +5,20 @@ decoder once for one precision (with the options DIST/rknn/rknn_report.json reco
 converted one), then answers decode requests, one JSON line each way:
 
     stdin:  {"sources": [[student ids], ...], "directions": [0, 1, ...]}
-    stdout: {"hypotheses": [[student ids], ...]}         first line: {"ready": true, "build_seconds": s}
+    stdout: {"hypotheses": [[student ids], ...], "checks": [{"fp32": [...], "argmax": [...], "cosines": {...}}, ...]}
+            first line: {"ready": true, "build_seconds": s}
     any failure: {"error": "one line"}, then exit 2
 
-The decoding loop is inference/backends.py's `greedy`, loaded by file path (the inference package imports torch and
-transformers, which this venv does not have). Toolkit logs: DIST/rknn/<precision>/sim/.
+Every sentence is also checked against fp32 onnxruntime (DIST/onnx), which is what qualifies a precision
+(deploy/__main__.py): `fp32` is onnxruntime's greedy path (its eos included when reached); `argmax` is the
+simulator's argmax at each step of that same path, teacher-forced (step t+1 is fed fp32's token t), so one early
+disagreement counts once instead of derailing every later step; `cosines` holds, per graph and output, the cosine of
+the simulator's output to onnxruntime's on the very same inputs, one per call along that path. The hypothesis is the
+simulator's own greedy output: fp32's path when every forced step agreed (the same inputs give the same outputs, so
+free decoding would retrace it), else a free greedy decode.
+
+The decoding loop is inference/backends.py's `step_argmaxes`, loaded by file path (the inference package imports
+torch and transformers, which this venv does not have). Toolkit logs: DIST/rknn/<precision>/sim/.
 
     printf '%s\\n' '{"sources": [[5, 6, 7]], "directions": [0]}' | \\
         .venv-rknn/bin/python deploy/rknn_sim_eval.py --dist DIST --precision w8a8
@@ -21,11 +30,13 @@ import importlib.util
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import IO, Any, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 import convert_rknn as cr  # this file's folder is sys.path[0] when run as a script
 
@@ -57,12 +68,59 @@ class SimulatorStepModel:
         return self.model.run("decoder", feeds)
 
 
+@dataclass
+class CosineProbe:
+    """A StepModel that runs the simulator and, on the very same inputs, fp32 onnxruntime, and keeps the cosine of
+    every output of every call; it returns the simulator's outputs, so the state carried is the simulator's own."""
+
+    simulated: SimulatorStepModel
+    reference: bk.OnnxStepModel
+    cosines: dict[str, dict[str, list[float]]] = field(default_factory=lambda: {"encoder": {}, "decoder": {}})
+
+    def _compare(self, graph: str, got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, value in got.items():
+            self.cosines[graph].setdefault(name, []).append(round(cr.cosine(value, want[name]), 6))
+        return got
+
+    def run_encoder(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._compare("encoder", self.simulated.run_encoder(feeds), self.reference.run_encoder(feeds))
+
+    def run_decoder(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._compare("decoder", self.simulated.run_decoder(feeds), self.reference.run_decoder(feeds))
+
+
+@dataclass
+class CheckingDecoder:
+    """Greedy decoding in the simulator, each sentence checked against fp32 onnxruntime (module docstring)."""
+
+    simulated: SimulatorStepModel
+    reference: bk.OnnxStepModel
+    tables: bk.EmbedTables
+    meta: bk.DeployMeta
+    progress: bool = False
+
+    def sentence(self, source: Sequence[int], direction: int) -> tuple[list[int], dict[str, Any]]:
+        args = (self.tables, self.meta, source, direction)
+        fp32 = bk.step_argmaxes(self.reference, *args)
+        probe = CosineProbe(self.simulated, self.reference)
+        forced = bk.step_argmaxes(probe, *args, forced=fp32)
+        hypothesis = bk.without_eos(fp32, self.meta) if forced == fp32 else bk.greedy(self.simulated, *args)
+        return hypothesis, {"fp32": fp32, "argmax": forced, "cosines": probe.cosines}
+
+    def decode(self, sources: Sequence[Sequence[int]], directions: Sequence[int]) -> dict[str, list]:
+        # disable=None: a bar only when stderr is a terminal, so logs and captured output stay clean.
+        pairs = tqdm(list(zip(sources, directions)), desc="rknn-sim", unit="sent",
+                     disable=None if self.progress else True, leave=False)
+        results = [self.sentence(source, direction) for source, direction in pairs]
+        return {"hypotheses": [h for h, _ in results], "checks": [c for _, c in results]}
+
+
 def build_options(dist: bk.Dist, precision: str) -> cr.BuildOptions:
-    """The converter's options for this DIST (target, algorithm, hybrid threshold), else the defaults."""
+    """The converter's options for this DIST (target, algorithm), else the defaults."""
     if not dist.rknn_report.is_file():
         return cr.BuildOptions(precision)
     report = json.loads(dist.rknn_report.read_text())
-    return cr.BuildOptions(precision, report["target"], report["quant_algorithm"], report["hybrid_cos_thresh"])
+    return cr.BuildOptions(precision, report["target"], report["quant_algorithm"])
 
 
 def protocol_stream() -> IO[str]:
@@ -86,10 +144,10 @@ def serve(args: argparse.Namespace, stream: IO[str]) -> None:
     with cr.SimulatedModel(dist.onnx, opts, calib, dist.rknn / args.precision / "sim") as model:
         build_seconds = sum(g.build_seconds for g in model.graphs.values())
         reply(stream, {"ready": True, "build_seconds": round(build_seconds, 3)})
-        decoder = bk.LoopDecoder(SimulatorStepModel(model), tables, meta, progress=args.progress)
+        decoder = CheckingDecoder(SimulatorStepModel(model), bk.OnnxStepModel(dist.onnx), tables, meta, args.progress)
         for line in sys.stdin:
             request = json.loads(line)
-            reply(stream, {"hypotheses": decoder.decode(request["sources"], request["directions"])})
+            reply(stream, decoder.decode(request["sources"], request["directions"]))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

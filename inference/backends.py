@@ -271,24 +271,39 @@ def source_inputs(tables: EmbedTables, meta: DeployMeta, source_ids: Sequence[in
             "src_mask": mask}
 
 
-def greedy(model: StepModel, tables: EmbedTables, meta: DeployMeta, source_ids: Sequence[int],
-           direction: int) -> list[int]:
-    """Greedy decoding as in model.generate: bos at position 0, stop at eos or Tc steps; ids exclude bos/eos."""
+def step_argmaxes(model: StepModel, tables: EmbedTables, meta: DeployMeta, source_ids: Sequence[int],
+                  direction: int, forced: Sequence[int] | None = None) -> list[int]:
+    """The argmax of every decoder step, bos fed at position 0. Without `forced` each step is fed the previous
+    step's argmax until eos or Tc steps (greedy decoding; the eos, when reached, is the last id). With `forced`
+    (ids, e.g. another model's greedy output and its eos) step t+1 is fed forced[t], one step per id: teacher
+    forcing, so a step is judged on the path it is given and an early disagreement does not derail later steps."""
     source = source_inputs(tables, meta, source_ids, direction)
     # Set once per sentence: the source mask and every layer's cross-attention keys and values.
     feeds = {"src_mask": source["src_mask"], **model.run_encoder(source), **initial_carried(meta)}
+    steps = meta.Tc if forced is None else min(len(forced), meta.Tc)
     token, out = meta.bos_id, []
-    for step in range(meta.Tc):
+    for step in range(steps):
         feeds = {**feeds, "tok_embeds": tables.rows([token], direction, step)}
         if meta.decoder == "transformer":
             feeds["self_mask"] = self_mask(meta, step)
         outputs = model.run_decoder(feeds)
-        token = int(np.argmax(outputs["logits"]))
-        if token == meta.eos_id:
+        out.append(int(np.argmax(outputs["logits"])))
+        token = out[-1] if forced is None else forced[step]
+        if forced is None and token == meta.eos_id:
             break
-        out.append(token)
         feeds = advance(feeds, outputs)
     return out
+
+
+def greedy(model: StepModel, tables: EmbedTables, meta: DeployMeta, source_ids: Sequence[int],
+           direction: int) -> list[int]:
+    """Greedy decoding as in model.generate: bos at position 0, stop at eos or Tc steps; ids exclude bos/eos."""
+    return without_eos(step_argmaxes(model, tables, meta, source_ids, direction), meta)
+
+
+def without_eos(ids: Sequence[int], meta: DeployMeta) -> list[int]:
+    """A decoded path as a hypothesis: its final eos (if it reached one) removed."""
+    return list(ids[:-1]) if ids and ids[-1] == meta.eos_id else list(ids)
 
 
 class OnnxStepModel:
@@ -361,7 +376,9 @@ class RknnSimDecoder:
     """Decodes in the RKNN simulator through a worker process in the RKNN venv (deploy/rknn_sim_eval.py).
 
     The simulator only runs a model built in the same process, so the worker builds once for one precision and
-    then answers requests over a pipe, one JSON line each way, until this object is closed or collected.
+    then answers requests over a pipe, one JSON line each way, until this object is closed or collected. The worker
+    also checks every sentence against fp32 onnxruntime (deploy/rknn_sim_eval.py); `take_checks` hands those
+    records over (`fidelity` sums them up).
     """
 
     def __init__(self, dist: Path, precision: str, python: Path | None = None, progress: bool = False) -> None:
@@ -375,6 +392,7 @@ class RknnSimDecoder:
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._finalizer = weakref.finalize(self, _stop_worker, self.proc)
         self.build_seconds = float(self._reply()["build_seconds"])
+        self.checks: list[dict[str, Any]] = []
 
     def _reply(self) -> dict[str, Any]:
         line = self.proc.stdout.readline() if self.proc.stdout else ""
@@ -390,10 +408,38 @@ class RknnSimDecoder:
         request = {"sources": [list(s) for s in sources], "directions": list(directions)}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
-        return self._reply()["hypotheses"]
+        answer = self._reply()
+        self.checks += answer["checks"]
+        return answer["hypotheses"]
+
+    def take_checks(self) -> list[dict[str, Any]]:
+        """The per-sentence checks of every decode since the last call."""
+        checks, self.checks = self.checks, []
+        return checks
 
     def close(self) -> None:
         self._finalizer()
+
+
+def fidelity(checks: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The simulator against fp32 onnxruntime over checked sentences (RknnSimDecoder.take_checks): the share of
+    teacher-forced steps whose argmax is fp32's token, and per graph each output's mean and lowest cosine over every
+    call; a graph's `cosine` is its worst output's mean."""
+    steps = sum(len(c["fp32"]) for c in checks)
+    agreeing = sum(a == b for c in checks for a, b in zip(c["argmax"], c["fp32"]))
+    graphs: dict[str, Any] = {}
+    for graph in ("encoder", "decoder"):
+        values: dict[str, list[float]] = {}
+        for check in checks:
+            for name, cosines in check["cosines"][graph].items():
+                values.setdefault(name, []).extend(cosines)
+        outputs = {name: {"mean": float(np.mean(v)), "min": float(np.min(v))} for name, v in values.items()}
+        graphs[graph] = {"cosine": min((o["mean"] for o in outputs.values()), default=float("nan")),
+                         "outputs": outputs}
+    disagreements = [{"fp32": c["fp32"], "argmax": c["argmax"]} for c in checks if c["argmax"] != c["fp32"]]
+    return {"sentences": len(checks), "steps": steps, "agreeing_steps": agreeing,
+            "agreement": agreeing / steps if steps else float("nan"), "graphs": graphs,
+            "disagreeing_sentences": len(disagreements), "first_disagreements": disagreements[:3]}
 
 
 def _stop_worker(proc: subprocess.Popen) -> None:

@@ -90,18 +90,67 @@ def test_load_samples_names_the_missing_array(exported: dict[str, backends.Dist]
         cr.load_samples(exported["transformer"].calib, "decoder", io)
 
 
-def test_parse_build_log_finds_cpu_ops_and_io_dtypes() -> None:
+def test_parse_build_log_finds_cpu_ops_dtypes_and_io_dtypes() -> None:
     text = textwrap.dedent("""\
         W build: The default input dtype of 'state' is changed from 'float32' to 'int8' in rknn model
         D RKNN: [06:51:00.549] 0    InputOperator  INT8  CPU  \\  (2,1,64)  0/0/0  0  InputOperator:state
         D RKNN: [06:51:00.549] 56   Conv           INT8  NPU  (1,64,1,1)  (1,500,1,1)  9000/1024/9000  0%  Conv:/head/p
         D RKNN: [06:51:00.549] 57   Reshape        INT8  CPU  (1,500,1,1),(2)  (1,500)  0/0/0  1  Reshape:/head/Reshape
-        I RKNN: [06:50:01.380] Meet hybrid type, dtype: float16, tensor: /layers.0/cross/MatMul_1_output_0_sdpa
+        D RKNN: [06:51:00.549] 58   exNorm         FLOAT16  NPU  (1,64,1,16)  (1,64,1,16)  0/0/0  2  exNorm:/n
         """)
     parsed = cr.parse_build_log(text)
-    assert parsed == {"cpu_ops": ["Reshape:/head/Reshape"], "placement": {"NPU": {"Conv": 1}, "CPU": {"Reshape": 1}},
-                      "io_dtypes": {"state": "int8"},
-                      "hybrid_fp16_tensors": ["/layers.0/cross/MatMul_1_output_0_sdpa"]}
+    assert parsed == {"cpu_ops": ["Reshape:/head/Reshape"],
+                      "placement": {"NPU": {"Conv": 1, "exNorm": 1}, "CPU": {"Reshape": 1}},
+                      "layer_dtypes": {"Conv": {"INT8": 1}, "Reshape": {"INT8": 1}, "exNorm": {"FLOAT16": 1}},
+                      "io_dtypes": {"state": "int8"}}
+
+
+# The toolkit's .quantization.cfg as hybrid_quantization_step1 writes it (rknn-toolkit2 2.5.0, abridged).
+STEP1_CFG = textwrap.dedent("""\
+    custom_quantize_layers: {}
+    quantize_parameters:
+        src_mask:
+            qtype: asym
+            dtype: float32
+            scale: []
+            zero_point: []
+        src_mask_int8:
+            qtype: asym
+            dtype: int8
+            min:
+            -   0.0
+            max:
+            -   1.0
+            scale:
+            -   0.00392156862745098
+            zero_point:
+            -   -128
+        scaled_int8:
+            dtype: int8
+            scale:
+            -   0.00784313725490196
+            zero_point:
+            -   0
+    """)
+
+
+def test_mask_quantization_reads_the_step1_cfg() -> None:
+    assert cr.tensor_parameters(STEP1_CFG, "src_mask_int8") == (0.00392156862745098, -128)
+    assert cr.tensor_parameters(STEP1_CFG, "src_mask") is None and cr.tensor_parameters(STEP1_CFG, "absent") is None
+    masks = cr.mask_quantization(STEP1_CFG, {"src_mask": "src_mask_int8", "self_mask": "scaled_int8"},
+                                 ["src_mask", "self_mask", "other_mask"])
+    assert masks["src_mask"] == {"quantized": True, "scale": 0.00392156862745098, "zero_point": -128, "exact": True}
+    # [-1, 1] around zero point 0: 1.0 comes back as 127/127.5
+    assert masks["self_mask"]["exact"] is False and masks["other_mask"] == {"quantized": False, "exact": True}
+
+
+def test_keep_float16_fills_custom_quantize_layers() -> None:
+    edited = cr.keep_float16(STEP1_CFG, ["/l0/attn/MatMul_1_output_0_sdpa", "/l0/norm1/LayerNormalization#1"])
+    assert edited.startswith("custom_quantize_layers:\n    /l0/attn/MatMul_1_output_0_sdpa: float16\n"
+                             "    /l0/norm1/LayerNormalization#1: float16\nquantize_parameters:\n")
+    assert cr.keep_float16(STEP1_CFG, []) == STEP1_CFG
+    with pytest.raises(cr.ConvertError, match="no empty custom_quantize_layers"):
+        cr.keep_float16(edited, ["x"])
 
 
 def test_parse_error_analysis_sorts_by_single_layer_cosine() -> None:

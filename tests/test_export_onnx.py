@@ -162,7 +162,8 @@ def test_backend_greedy_equals_generate_on_fresh_sentences(exported: dict[str, b
                                                            kind: str) -> None:
     """The backend loop on the int8 and fp32 folders, driven from outside the exporter."""
     student, builder = export_onnx.load_student(students[kind])
-    requests, _ = export_onnx.requests_from(small_corpus / "valid.jsonl", builder, SRC_LEN, 6, ["zh-en", "en-zh"])
+    requests, _ = export_onnx.requests_from(data.read_pairs(small_corpus / "valid.jsonl"), small_corpus / "valid.jsonl",
+                                              builder, SRC_LEN, 6, ["zh-en", "en-zh"])
     expected = [export_onnx.torch_greedy(student, r) for r in requests]
     decoder = backends.open_decoder(exported[kind].root, "onnx")
     assert decoder.decode([r.source_ids for r in requests], [r.direction for r in requests]) == expected

@@ -69,10 +69,25 @@ def test_board_has_every_file(packaged: Dist) -> None:
 
 def test_readme_tells_how_to_copy_run_and_what_to_expect(packaged: Dist) -> None:
     readme = (packaged.board / "README.md").read_text()
-    for needle in ("scp -r board", "adb push board", "./run.sh zh-en", "librknnrt.so", "version 2.5.0", "w8a8",
-                   "ms of NPU time per output token", "MB", "6-token translation", "prebuilt", "RKNN_LIB",
-                   "no glibc symbol version", "./run.sh --bench", "host_ms", "perf_run_ms"):
+    for needle in ("scp -r board", "adb push board", "./run.sh zh-en", "librknnrt.so", "version 2.5.0",
+                   "**w8a8** on the NPU", "ms of NPU time per output token", "MB", "6-token translation", "prebuilt",
+                   "RKNN_LIB", "no glibc symbol version", "./run.sh --bench", "host_ms", "perf_run_ms",
+                   "This is an estimate, not a board measurement", "lite_transformer"):
         assert needle in readme, needle
+    # No report.json in this DIST: the packager says the precision was picked by hand.
+    assert "Why w8a8: chosen by hand (deploy.package --precision w8a8)" in readme
+
+
+def test_readme_says_why_the_precision_ships(dist: Dist, tmp_path: Path) -> None:
+    shutil.rmtree(dist.board, ignore_errors=True)
+    package.package(dist, "fp16", fake_aarch64_elf(tmp_path / "rk_translate"), reason="fp16 is the only one")
+    assert "Why fp16: fp16 is the only one." in (dist.board / "README.md").read_text()
+    dist.report.write_text(json.dumps({"choice": {"precision": "fp16", "reason": "deploy chose it"}}))
+    try:
+        assert package.shipped_reason(dist, "fp16") == "deploy chose it"
+        assert package.shipped_reason(dist, "w8a8").startswith("chosen by hand")
+    finally:
+        dist.report.unlink()
 
 
 def test_run_sh_calls_the_runner_as_it_expects(packaged: Dist) -> None:
