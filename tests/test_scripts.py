@@ -198,5 +198,5 @@ def test_quickstart_deploy_and_report_follow_the_run_folder(sft_run, tmp_path):
     rendered = run_script("quickstart.sh", {"RUN": str(run)}, "--only", "report", timeout=300)
     assert shlex.split(next(line for line in rendered.stderr.splitlines() if line.startswith("+ "))[2:]) == \
         [".venv/bin/python", "-m", "inference.report", "--run", str(run), "--dist", str(dist)]
-    assert f"Deployment details: {dist / 'report.md'}" in (run / "report.md").read_text()
+    assert f"Deployment details, with the precision that shipped and why: {dist / 'report.md'}" in (run / "report.md").read_text()
     assert f"Deployment bundle: {dist}" in rendered.stdout
