@@ -139,7 +139,8 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_positions: int) -> Qw
 
 
 def random_qwen2(arch: Architecture, vocab_size: int, pad_id: int, eos_id: int, seed: int,
-                 tie_embeddings: bool = False, dtype: str = "float32") -> Qwen2ForCausalLM:
+                 tie_embeddings: bool = False, dtype: str = "float32",
+                 attention_dropout: float = 0.0) -> Qwen2ForCausalLM:
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -150,6 +151,7 @@ def random_qwen2(arch: Architecture, vocab_size: int, pad_id: int, eos_id: int, 
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         # Qwen2Config's defaults point at 151643 and would fall outside a small vocabulary.
         bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id, dtype=dtype,
+        attention_dropout=attention_dropout,  # Qwen2's only dropout: it regularises a teacher trained for many epochs
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
@@ -172,7 +174,8 @@ def check_output_folder(out_dir: Path, force: bool) -> None:
 
 
 def build_teacher(pairs: Iterable[TextPair], out_dir: str | Path, size: str = "tiny", vocab_size: int | None = None,
-                  seed: int = 0, force: bool = False, dtype: str = "float32") -> TeacherInfo:
+                  seed: int = 0, force: bool = False, dtype: str = "float32",
+                  attention_dropout: float = 0.0) -> TeacherInfo:
     """Train the tokenizer on both sides of pairs, build the random model, save both to out_dir.
 
     With force, files in a non-empty out_dir are overwritten in place (nothing else there is deleted).
@@ -193,7 +196,7 @@ def build_teacher(pairs: Iterable[TextPair], out_dir: str | Path, size: str = "t
 
     pad_id, eos_id = tokenizer.convert_tokens_to_ids([PAD_TOKEN, EOS_TOKEN])
     model = random_qwen2(arch, arch.model_vocab or padded_vocab_size(len(tokenizer)), pad_id, eos_id, seed,
-                         dtype=dtype)
+                         dtype=dtype, attention_dropout=attention_dropout)
     save_folder(tokenizer, model, out_dir)
     log.info("saved %s in %.1fs", out_dir, time.perf_counter() - started)
     return TeacherInfo(out_dir, model.num_parameters(), len(tokenizer), model.config.vocab_size, size)
@@ -218,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="overwrite files in a non-empty --out folder")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights' precision (bfloat16 halves a benchmark-sized teacher; default float32)")
+    parser.add_argument("--attention_dropout", type=float, default=0.0,
+                        help="Qwen2's attention dropout while it is fine-tuned (default 0.0)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -226,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         pairs = read_pairs(train_file)
         if not pairs:
             raise CorpusError(f"{train_file}: no pairs")
-        info = build_teacher(pairs, args.out, args.size, args.vocab_size, args.seed, args.force, args.dtype)
+        info = build_teacher(pairs, args.out, args.size, args.vocab_size, args.seed, args.force, args.dtype,
+                             args.attention_dropout)
     except CorpusError as exc:
         print(f"make_tiny_teacher: no usable corpus: {exc} (build one with scripts/build_corpus.py)", file=sys.stderr)
         return 2

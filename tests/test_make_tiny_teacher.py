@@ -171,6 +171,21 @@ def test_bfloat16_teacher_is_the_float32_one_rounded(pairs: list[Pair], tmp_path
                                                                     loaded.state_dict().values()))
 
 
+def test_attention_dropout_is_saved_and_only_trains(pairs: list[Pair], tmp_path: Path, model) -> None:
+    """--attention_dropout (the stored teacher's regulariser): in config.json, active in train mode only; the same
+    seed gives the same weights."""
+    from make_tiny_teacher import build_teacher
+    folder = build_teacher(pairs, tmp_path / "dropout", vocab_size=VOCAB, attention_dropout=0.1).path
+    assert json.loads((folder / "config.json").read_text())["attention_dropout"] == 0.1
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    ids = torch.arange(3, 19).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(ids).logits, model.eval()(ids).logits)
+        torch.manual_seed(0)
+        assert not torch.equal(loaded.train()(ids).logits, model.eval()(ids).logits)
+
+
 def test_refuses_a_non_empty_folder(pairs: list[Pair], tmp_path: Path) -> None:
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):
