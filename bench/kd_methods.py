@@ -6,7 +6,7 @@ method at a time, scored on a test split in both directions.
     python bench/kd_methods.py --corpus full --steps 120   # the whole catalog corpus, a teacher fine-tuned here
 
 --corpus labels (the default) is what the quickstart trains: the short-label subset of the catalog corpus (at most
-three English words), the stored teacher models/tiny-qwen-labels, fine-tuned for the labels by the project's own
+three English words), the stored teacher models/tiny-qwen-catalogs, fine-tuned for the labels by the project's own
 `--stage sft` (or --teacher), and the quickstart's distillation recipe. --corpus full is the whole corpus with a
 tiny teacher fine-tuned 800 steps here, where every model trained on CPU scores near zero.
 
@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from results_io import write_results  # noqa: E402 -- bench/ is sys.path[0]
 
 CATALOGS = ROOT / "bench" / ".cache" / "catalogs"  # shared with bench/train_step.py
-STORED_TEACHER = ROOT / "models" / "tiny-qwen-labels"  # the quickstart's (scripts/stored_teacher.py)
+STORED_TEACHER = ROOT / "models" / "tiny-qwen-catalogs"  # the quickstart's (scripts/stored_teacher.py)
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 DIRECTIONS = ("zh-en", "en-zh")
 
@@ -66,9 +66,7 @@ METHODS: dict[str, list[str]] = {
 # and on again in the seq_kd methods' own flags (given after).
 RECIPES = {
     # scripts/quickstart.sh's distillation on the label subset
-    "labels": ["--micro_batch_size", "32", "--data.tokens_per_batch", "0", "--lr", "2e-3", "--warmup_steps", "100",
-               "--data.valid_subset", "200", "--log_every", "100", "--ds_config", "ds_configs/zero2.json",
-               "--seq_kd", "false"],
+    "labels": ["--config", "scripts/recipes/labels-distill.yaml", "--seq_kd", "false"],
     # the whole corpus: short sentences (the catalogs are mostly UI labels; 24 tokens keeps 9 in 10 of them) so a
     # CPU run of a few hundred steps learns something and decoding stays cheap
     "full": ["--micro_batch_size", "32", "--lr", "3e-3", "--warmup_steps", "20", "--model.max_source_len", "24",
@@ -98,6 +96,7 @@ class Bench:
         return f"## KD methods (bench/kd_methods.py, {self.corpus})"
 
 
+LABELS_SFT = ["--config", "scripts/recipes/labels-sft.yaml", "--seed", "0"]  # the quickstart's, on the stored teacher
 TEACHER_SFT = ["--max_steps", "800", "--eval_every", "800", "--save_every", "800", "--micro_batch_size", "32",
                "--lr", "3e-3", "--warmup_steps", "30", "--data.valid_subset", "64", "--log_every", "50", "--seed", "0"]
 
@@ -140,10 +139,14 @@ def prepare(bench: Bench, teacher: Path | None) -> Path:
         data.write_label_subset(CATALOGS, bench.data, 3)
     if teacher:
         return teacher
-    if bench.corpus == "labels":
+    sft = bench.cache / "teacher-sft"
+    if bench.corpus == "labels":  # the quickstart's teacher: the stored one, fine-tuned on the labels as it does
         stored_teacher.check(STORED_TEACHER, CATALOGS)
-        return STORED_TEACHER
-    base, sft = bench.cache / "teacher-base", bench.cache / "teacher-sft"
+        if not (sft / "final" / "config.json").is_file():
+            deepspeed(["--stage", "sft", "--teacher", str(STORED_TEACHER), "--data", str(bench.data), "--out",
+                       str(sft), *LABELS_SFT], bench.cache / "teacher-sft.log")
+        return sft / "final"
+    base = bench.cache / "teacher-base"
     if not (base / "config.json").is_file():
         make_tiny_teacher.build_teacher(data.read_pairs(CATALOGS / "train.jsonl"), base, "tiny", force=True)
     if not (sft / "final" / "config.json").is_file():
@@ -275,7 +278,8 @@ def table(summary: dict) -> str:
 def verdict(summary: dict) -> str:
     """Best method by mean chrF and by mean reference CE, and the methods each one's seed range clears."""
     sentences = []
-    for key, name, higher in (("mean/chrf", "mean chrF", True), ("mean/ce", "mean reference CE", False)):
+    for key, name, higher in (("mean/bleu", "mean BLEU", True), ("mean/chrf", "mean chrF", True),
+                              ("mean/ce", "mean reference CE", False)):
         sign = 1 if higher else -1
         ranked = sorted(summary, key=lambda m: sign * summary[m][key]["mean"], reverse=True)
         best, runner_up = ranked[0], ranked[1]
@@ -292,7 +296,27 @@ def verdict(summary: dict) -> str:
                  + summary[m]["mean/ce"]["spread"] < base["mean"] - base["spread"]]
         sentences.append(f"Against ce_only (no teacher term), the reference CE is lower beyond the seed spread for "
                          f"{', '.join(lower) if lower else 'no method'}.")
-    return " ".join(sentences)
+    return " ".join(sentences) + default_against_ce(summary)
+
+
+DEFAULT_METHOD = "seq_kd"  # train_ds.py's default (distill.seq_kd on, forward KL)
+
+
+def default_against_ce(summary: dict) -> str:
+    """The question the bench is for: does the default method beat training without a teacher, per direction and
+    metric, beyond the seed spread (its worst seed above ce_only's best)?"""
+    if DEFAULT_METHOD not in summary or "ce_only" not in summary:
+        return ""
+    verdicts = []
+    for direction in DIRECTIONS:
+        for metric, name in (("bleu", "BLEU"), ("chrf", "chrF")):
+            mine = summary[DEFAULT_METHOD][f"{direction}/{metric}"]["values"]
+            base = summary["ce_only"][f"{direction}/{metric}"]["values"]
+            how = ("ahead beyond the seed spread" if min(mine) > max(base) else
+                   "behind beyond the seed spread" if max(mine) < min(base) else "within the seed spread")
+            verdicts.append(f"{direction} {name} {statistics.fmean(mine):.2f} against {statistics.fmean(base):.2f} "
+                            f"({how})")
+    return f" The default ({DEFAULT_METHOD}) against ce_only, worst seed against best: {'; '.join(verdicts)}."
 
 
 def write_markdown(section: str, text: str) -> None:
@@ -313,7 +337,7 @@ def main() -> None:
                         help="labels: the quickstart's short-label subset and stored teacher (default); full: the "
                              "whole catalog corpus and a teacher fine-tuned here")
     parser.add_argument("--teacher", type=Path, default=None,
-                        help="teacher folder (default: models/tiny-qwen-labels for labels, one fine-tuned here for "
+                        help="teacher folder (default: models/tiny-qwen-catalogs for labels, one fine-tuned here for "
                              "full)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all)")
     parser.add_argument("--seeds", default="1,2", help="comma-separated seeds (at least 2 for a spread)")
@@ -360,8 +384,9 @@ def main() -> None:
     teacher_line = ", ".join(f"{d} BLEU {teacher_scores[d]['bleu']:.2f} chrF {teacher_scores[d]['chrf']:.2f}"
                              for d in DIRECTIONS)
     n_test = teacher_scores[DIRECTIONS[0]]["n"]
-    about_teacher = (f"the stored teacher {teacher.relative_to(ROOT) if teacher.is_relative_to(ROOT) else teacher} "
-                     f"(scripts/stored_teacher.py; {teacher_line})" if bench.corpus == "labels" else
+    about_teacher = (f"the stored teacher models/tiny-qwen-catalogs fine-tuned on the labels as the quickstart does "
+                     f"(scripts/recipes/labels-sft.yaml; {teacher_line})" if bench.corpus == "labels" and
+                     not args.teacher else f"{args.teacher} ({teacher_line})" if args.teacher else
                      f"the tiny Qwen2-shaped model fine-tuned 800 steps here ({teacher_line})")
     closing = ("The label subset is what a from-scratch model learns on a CPU in minutes; the student is the "
                "quickstart's, with the quickstart's teacher." if bench.corpus == "labels" else

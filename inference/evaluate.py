@@ -31,7 +31,8 @@ def spread(count: int, n: int) -> list[int]:
 
 def evaluate(translator: Translator, pairs: list[data.Pair], direction: str, num_beams: int = 1,
              examples: int = 5) -> dict:
-    """Scores of translator on pairs in one direction, with `examples` translations spread over the pairs."""
+    """Scores of translator on pairs in one direction, with `examples` translations spread over the pairs, and
+    per source (catalog or file: `by_source`, largest first) when the pairs come from more than one."""
     src_lang, tgt_lang = direction.split("-")
     fits = [translator.fits(p.side(src_lang)) for p in pairs]
     too_long = fits.count(False)
@@ -40,6 +41,14 @@ def evaluate(translator: Translator, pairs: list[data.Pair], direction: str, num
     hyps = translator.translate([p.side(src_lang) for p in usable], direction, num_beams)
     elapsed = time.perf_counter() - start
     result = score(hyps, [p.side(tgt_lang) for p in usable], tgt_lang)
+    by_source: dict[str, tuple[list[str], list[str]]] = {}
+    for pair, hyp in zip(usable, hyps):
+        hyps_refs = by_source.setdefault(pair.source, ([], []))
+        hyps_refs[0].append(hyp)
+        hyps_refs[1].append(pair.side(tgt_lang))
+    if len(by_source) > 1:  # a split of several catalogs: which of them the score comes from
+        result["by_source"] = {source: score(*by_source[source], tgt_lang)
+                               for source in sorted(by_source, key=lambda s: -len(by_source[s][0]))}
     result.update(direction=direction, skipped_too_long=len(pairs) - len(usable),
                   split_too_long=too_long if translator.split_long else 0,
                   ms_per_sentence=round(1000 * elapsed / max(1, len(usable)), 2), params=translator.parameters,

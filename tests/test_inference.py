@@ -11,6 +11,7 @@ import data
 from conftest import ROOT
 from inference import InputTooLongError, Translator, splitting
 from inference.evaluate import evaluate
+from inference.metrics import score
 from model import StudentForTranslation
 
 
@@ -106,6 +107,19 @@ def test_evaluate_skips_or_splits_long_sources_never_truncates(translator, split
     assert (split["n"], split["skipped_too_long"], split["split_too_long"]) == (3, 0, 1)
     pieces = splitter.translate(["打开文件", *splitting.sentences(LONG_ZH), "保存"], "zh-en")
     assert [e["hypothesis"] for e in split["examples"]] == [pieces[0], " ".join(pieces[1:-1]), pieces[-1]]
+
+
+def test_evaluate_scores_each_catalog_of_a_mixed_split(translator):
+    """A split of several catalogs is also scored per catalog, largest first, each with sacrebleu on its own pairs;
+    one catalog (or none named) adds nothing."""
+    pairs = [data.Pair("打开文件", "Open file", "gedit"), data.Pair("保存", "Save", "xkb"),
+             data.Pair("退出", "Quit", "xkb"), data.Pair("复制", "Copy", "xkb")]
+    result = evaluate(translator, pairs, "zh-en")
+    assert list(result["by_source"]) == ["xkb", "gedit"]
+    hyps = translator.translate(["保存", "退出", "复制"], "zh-en")
+    assert result["by_source"]["xkb"] == score(hyps, ["Save", "Quit", "Copy"], "en")
+    assert result["by_source"]["gedit"]["n"] == 1
+    assert "by_source" not in evaluate(translator, [data.Pair(p.zh, p.en) for p in pairs], "zh-en")
 
 
 def test_translate_cli_refuses_or_splits_a_long_line(student_folder, tmp_path):

@@ -9,6 +9,7 @@ DIST is synthetic: a real one needs the RKNN toolkit and the aarch64 cross compi
 one from another student). Its report.json holds only the fields inference.report reads.
 """
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -34,7 +35,9 @@ def run(run_root, sft_run, distill_run, small_corpus) -> Path:
     from inference.evaluate import evaluate
     from inference.translator import Translator
     pairs = data.read_pairs(small_corpus / "test.jsonl")
-    subsets = {"labels": (pairs[:8], 8), "full": (pairs[8:20], 12)}
+    # the label subset as two catalogs (5 and 3 pairs), so the report's per-catalog table has rows to check
+    labels = [dataclasses.replace(p, source="catalog-a" if i < 5 else "catalog-b") for i, p in enumerate(pairs[:8])]
+    subsets = {"labels": (labels, 8), "full": (pairs[8:20], 12)}
     scores = {subset: {} for subset in SUBSETS}
     for stage in ("sft", "distill"):
         translator = Translator(run_root / stage / "final", "cpu")
@@ -151,6 +154,20 @@ def test_report_numbers_come_from_the_run_files(run, dist, monkeypatch):
             for e in shown:
                 cells = [e["source"], e["reference"], teacher.get(e["source"], ""), e["hypothesis"]]
                 assert "| " + " | ".join(cell(c) for c in cells) + " |" in lines
+    # Where the scores stop: each model's last validation (from its metrics.jsonl) beside its label test scores.
+    for stage, label in STAGES:
+        last = metrics(run / stage / "metrics.jsonl")[1][-1]
+        cells = [f"{last['directions'][d]['bleu']:.2f} / {last['directions'][d]['chrf']:.2f} (step {last['step']}, "
+                 f"n={last['directions'][d]['n']})" for d in DIRECTIONS]
+        cells += [f"{scores['labels'][f'{stage}.{d}']['bleu']:.2f} / {scores['labels'][f'{stage}.{d}']['chrf']:.2f}"
+                  for d in DIRECTIONS]
+        assert f"| {label} | " + " | ".join(cells) + " |" in lines
+    # Per catalog of the label subset, largest first: each model's own per-catalog scores.
+    for source, n in (("catalog-a", 5), ("catalog-b", 3)):
+        cells = [f"{scores['labels'][f'{stage}.{d}']['by_source'][source]['bleu']:.2f} / "
+                 f"{scores['labels'][f'{stage}.{d}']['by_source'][source]['chrf']:.2f}"
+                 for stage in ("sft", "distill") for d in DIRECTIONS]
+        assert f"| {source} | {n} | " + " | ".join(cells) + " |" in lines
     assert report.SCALE_NOTE in lines
     assert f"bash scripts/tensorboard.sh {run}" in text
     assert f"Deployment details, with the precision that shipped and why: {dist / 'report.md'}" in text
