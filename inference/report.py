@@ -169,6 +169,16 @@ def examples(run: Path) -> list[str]:
     return lines
 
 
+def deployed_line(dist: Path | None) -> str:
+    """What the deployed rows were scored on: `python -m deploy`'s own test pairs, counted from DIST/report.json."""
+    if not dist or not (dist / "report.json").is_file():
+        return ""
+    deployed = json.loads((dist / "report.json").read_text())
+    n = deployed["quality"]["torch"]["zh-en"]["n"]
+    return (f"Deployed rows are scored by `python -m deploy` on {n} pairs of its --test file per direction (those "
+            "that share no side with its calibration pairs).")
+
+
 def render(run: Path, dist: Path | None) -> Path:
     stages = {name: run / name for name in ("sft", "distill") if (run / name).is_dir()}
     pictures = plot(run, stages)
@@ -179,8 +189,7 @@ def render(run: Path, dist: Path | None) -> Path:
              "Scores on the held-out test catalogs (greedy): on their short labels (at most three English words, "
              f"{splits.get('labels', 'the labels test split')}), the subset this CPU demo trains for, and on the "
              f"whole test split ({splits.get('full', 'the full test split')}), whose longer sentences a "
-             "few-million-parameter model trained for minutes has not learnt. Deployed rows are scored on the "
-             "label subset by `python -m deploy`.", "",
+             "few-million-parameter model trained for minutes has not learnt.", deployed_line(dist), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(run, dist)]
     gap = validation_vs_test(run, read_eval(run)["scores"])

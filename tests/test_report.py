@@ -169,6 +169,7 @@ def test_report_numbers_come_from_the_run_files(run, dist, monkeypatch):
                  for stage in ("sft", "distill") for d in DIRECTIONS]
         assert f"| {source} | {n} | " + " | ".join(cells) + " |" in lines
     assert report.SCALE_NOTE in lines
+    assert "Deployed rows are scored by `python -m deploy` on 8 pairs of its --test file per direction" in text
     assert f"bash scripts/tensorboard.sh {run}" in text
     assert f"Deployment details, with the precision that shipped and why: {dist / 'report.md'}" in text
 
