@@ -191,7 +191,7 @@ def test_quickstart_deploy_and_report_follow_the_run_folder(sft_run, tmp_path):
     dist = run / "dist" / "rv1126b"
     dist.mkdir(parents=True)
     (dist / "report.json").write_text(json.dumps({"choice": {"precision": "fp16"}, "sizes": {},
-                                                  "quality": {"torch": {"zh-en": {"params": 1}}}}))
+                                                  "quality": {"torch": {"zh-en": {"params": 1, "n": 100}}}}))
     deploy = run_script("quickstart.sh", {"RUN": str(run)}, "--only", "deploy", timeout=300)
     assert f"== deploy: done already ({dist}/report.json; --force to redo)" in deploy.stdout
     assert "+ " not in deploy.stderr  # nothing ran
