@@ -192,16 +192,16 @@ def render(run: Path, dist: Path | None) -> Path:
              "few-million-parameter model trained for minutes has not learnt.", deployed_line(dist), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(run, dist)]
-    gap = validation_vs_test(run, read_eval(run)["scores"])
+    evaluations = read_eval(run)["scores"]
+    gap = validation_vs_test(run, evaluations)
     if gap:
         lines += ["", "Where the scores stop: the last validation during training (the validation catalogs' labels) "
                   "beside the label test subset (the test catalogs'). Both are held out from training; the "
                   "difference is how unlike the test catalogs are to everything trained on.", "", *gap]
-    per_catalog = catalog_rows(read_eval(run)["scores"])
+    per_catalog = catalog_rows(evaluations)
     if per_catalog:
-        lines += ["", "Per test catalog on the labels: the held-out catalogs are not alike, and the largest one sets "
-                  "the subset's score (keyboard layout names are mostly proper nouns the train catalogs never "
-                  "show).", "", *per_catalog]
+        lines += ["", "Per test catalog on the labels, largest first: the held-out catalogs are not alike, and the "
+                  "largest ones set most of the subset's score.", "", *per_catalog]
     lines += ["", SCALE_NOTE, "", "## Training", ""] + [f"![{p}]({p})" for p in pictures]
     lines += ["", "## Example translations"] + examples(run)
     lines += ["", "## Look closer", "", f"    bash scripts/tensorboard.sh {run}", ""]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole product on the built-in default, on a fresh machine with no GPU (about 25 minutes on 2 cores):
+# The whole product on the built-in default, on a fresh machine with no GPU (about 15 minutes on 2 cores):
 # catalog corpus and its short-label subset -> the stored tiny Qwen-shaped teacher, fine-tuned on the labels
 # (ZeRO) -> distillation of the `tiny` student on them (teacher co-hosted, seq-KD) -> evaluation on the label test
 # subset and on the full test split -> rv1126b deployment bundle -> run report (RUN/report.md: results table,
