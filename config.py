@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -398,3 +399,57 @@ def from_json_file(path: str | Path) -> Config:
             for name, value in values.items():
                 set_value(cfg, f"{section}.{name}", value)
     return validate(cfg)
+
+
+# ----------------------------------------------------------------------------- the run's command line
+
+CHECKPOINT_TAG = re.compile(r"step\d+(_universal)?")
+
+
+def parse_run_args(argv: list[str], description: str, on_gpu: bool) -> tuple[argparse.Namespace, Config]:
+    """train_ds.py's command line: the run's own flags, then every config field. A config problem exits with one
+    line (the usage text would bury it)."""
+    if argv and argv[0] == "export":  # `train_ds.py export --ckpt ... --out ...`
+        argv = ["--stage", "export", *argv[1:]]
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=("distill", "sft", "export"), default="distill",
+                        help="distill: train the student from the teacher; sft: fine-tune the teacher itself on "
+                             "the corpus; export: consolidate --ckpt into a Hugging Face folder at --out")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None,
+                        help="continue from RUN/checkpoints: the latest checkpoint, or the tag given (e.g. step200)")
+    parser.add_argument("--ckpt", help="export only: a checkpoints folder (RUN/checkpoints) to consolidate")
+    parser.add_argument("--tag", help="export only: checkpoint tag (default: the latest)")
+    parser.add_argument("--halt_at", type=int, default=0,
+                        help="save a checkpoint and exit after this step, as a pre-empted job would "
+                             "(time-boxed jobs; resume tests); the LR schedule still spans the whole run")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; do not pass")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    for flag, tag in (("--resume", args.resume), ("--tag", args.tag)):
+        if tag not in (None, "latest") and not CHECKPOINT_TAG.fullmatch(tag):  # names a folder
+            parser.error(f"{flag} {tag!r}: give a checkpoint tag such as step200 (or step200_universal, made by "
+                         "scripts/convert_checkpoint.sh), or nothing for the latest")
+    try:
+        cfg = from_args(args, on_gpu=on_gpu)
+    except ConfigError as exc:
+        parser.exit(2, f"train_ds.py: {exc} (train_ds.py --help lists every flag)\n")
+    return args, cfg
+
+
+def check_run_paths(args: argparse.Namespace, cfg: Config) -> None:
+    """Every path a run reads, checked before any process group, model or corpus loads (the mistakes newcomers make
+    first), each failing with one line that names the flag, the value and what was expected."""
+    import checkpoint
+    import data
+    import teacher
+    if args.stage == "export":
+        return checkpoint.check_export_source(args.ckpt)
+    teacher.check_teacher_folder("--teacher", cfg.train.teacher, cfg.train.trust_remote_code)
+    data.check_source("--data", cfg.data.path, ("valid",) if cfg.data.stream_window else ("train", "valid"))
+    for flag, path in (("--ds_config", cfg.train.ds_config),
+                       ("--train.teacher_ds_config", cfg.train.teacher_ds_config)):
+        if path != "auto" and not Path(path).is_file():
+            raise ConfigError(f"{flag} {path}: no such file; expected a DeepSpeed JSON config such as "
+                              "ds_configs/zero3.json")
+    if args.resume:
+        checkpoint.check_resume(Path(cfg.train.out) / "checkpoints", args.resume)

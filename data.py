@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from config import DIRECTIONS, DataConfig
+from config import DIRECTIONS, Config, ConfigError, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -851,3 +851,75 @@ def iter_lines(path: str | Path) -> Iterator[str]:
         for line in handle:
             if line.strip():
                 yield line.rstrip("\n")
+
+
+# ----------------------------------------------------------------------------- a run's data
+
+@dataclass
+class RunData:
+    """The tokenizer, trimmed vocabulary and aligned examples of a run, and the schedule they give."""
+    tokenizer: object
+    teacher_config: object
+    vocab: VocabMap
+    builder: ExampleBuilder
+    train_examples: list
+    valid_examples: list
+    batches_per_epoch: int
+    total_steps: int
+    stream: ExampleStream | None = None  # --data.stream_window: train examples read window by window
+
+
+STREAM_VOCAB_ROWS = 200_000  # rows of a streamed corpus counted for the student's vocabulary
+
+
+def prepare_run_data(stage: str, cfg: Config, run: Path, rank: int, world: int) -> RunData:
+    """Teacher tokenizer, the student's vocabulary (reused from RUN when resuming), aligned examples, and the
+    schedule they give. Every problem in the splits is listed before step 1 (CorpusError), not the first one at
+    hour 30."""
+    from transformers import AutoConfig, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(cfg.train.teacher, trust_remote_code=cfg.train.trust_remote_code)
+    teacher_config = AutoConfig.from_pretrained(cfg.train.teacher, trust_remote_code=cfg.train.trust_remote_code)
+    if len(tokenizer) > teacher_config.vocab_size:  # padded is normal (Qwen: 151,643 ids, 151,936 rows); short is not
+        raise VocabMismatchError(
+            f"{cfg.train.teacher}: the tokenizer has {len(tokenizer)} ids but the model has only "
+            f"{teacher_config.vocab_size} output rows; the tokenizer files belong to another model: use the ones "
+            "saved with this checkpoint")
+    streaming = cfg.data.stream_window > 0
+    if streaming and (not cfg.train.max_steps or cfg.distill.seq_kd):
+        raise ConfigError("--data.stream_window needs --max_steps (a stream has no epoch length known in advance) "
+                          "and --seq_kd false (seq_kd translates every scheduled example before step 1, which a "
+                          "stream exists to avoid)")
+    splits = load_splits(cfg.data.path, ("valid",) if streaming else ("train", "valid"), cfg.data.on_bad_line,
+                         cfg.data.max_chars)
+    train_pairs = (arrow_sample(cfg.data.path, STREAM_VOCAB_ROWS, cfg.data.max_chars) if streaming
+                   else splits["train"].pairs)
+    valid_pairs = splits["valid"].pairs[:cfg.data.valid_subset]
+    if stage == "distill":
+        if (run / VocabMap.FILE).is_file():
+            vocab = VocabMap.load(run)
+            vocab.check_tokenizer(tokenizer, f"teacher {cfg.train.teacher}")
+        else:
+            texts = [p.zh for p in train_pairs] + [p.en for p in train_pairs]
+            vocab = build_vocab_map(tokenizer, texts, cfg.data.vocab_size, teacher_config.vocab_size)
+    else:
+        vocab = VocabMap.full(tokenizer, teacher_config.vocab_size)
+    builder = ExampleBuilder(tokenizer, vocab, cfg.model.max_source_len, cfg.model.max_target_len)
+    if streaming:
+        stream = ExampleStream(cfg.data.path, builder, cfg.data.directions, cfg.data.stream_window,
+                               cfg.train.micro_batch_size, cfg.data.tokens_per_batch, cfg.train.seed, world, rank,
+                               cfg.data.on_bad_line, cfg.data.max_chars)
+        log.info("data: streaming %d train rows in windows of %d; vocabulary from the first %d rows",
+                 len(stream), cfg.data.stream_window, len(train_pairs))
+        valid_examples, _ = builder.examples(valid_pairs, cfg.data.directions)
+        return RunData(tokenizer, teacher_config, vocab, builder, [], valid_examples, 0, cfg.train.max_steps, stream)
+    train_examples, dropped = builder.examples(train_pairs, cfg.data.directions)
+    valid_examples, _ = builder.examples(valid_pairs, cfg.data.directions)
+    log.info("data: %d train pairs -> %d examples (%d too long for the model), %d validation examples; "
+             "vocabulary %d of the teacher's %d ids", len(train_pairs), len(train_examples), dropped,
+             len(valid_examples), vocab.size, teacher_config.vocab_size)
+    batches_per_epoch = len(make_batches(train_examples, cfg.train.micro_batch_size, cfg.data.tokens_per_batch,
+                                         cfg.train.seed, 0, world)) // world
+    steps_per_epoch = max(1, batches_per_epoch // cfg.train.grad_accum)
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    return RunData(tokenizer, teacher_config, vocab, builder, train_examples, valid_examples, batches_per_epoch,
+                   total_steps)

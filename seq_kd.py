@@ -28,13 +28,22 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
 import config as config_lib
 import data
+import engine as engine_lib
+import teacher as teacher_lib
+from kd_loss import LossParts, fused_distill_loss
 from model import beam_search
 from progress import Progress
+from step_log import StepTimer
+
+if TYPE_CHECKING:
+    import stages
 
 log = logging.getLogger("train_ds")
 
@@ -288,7 +297,7 @@ def teacher_targets(cfg: config_lib.Config, prepared, teacher, teacher_rows: tor
     """{example key: the teacher's translation as target ids (end token included)} for the scheduled examples
     seq_kd picks (with_targets swaps them in; the others, and those whose teacher translation is empty or never
     ended, keep the reference). Translations the cache lacks are made now, before step 1, sharded across
-    ranks; rank 0 rewrites the cache with them. prepared: train_ds.RunData (examples, builder and schedule).
+    ranks; rank 0 rewrites the cache with them. prepared: data.RunData (examples, builder and schedule).
     all_done: None for a plain (resident) teacher, else the lockstep test of teacher_translate."""
     rank, world = dist.get_rank(), dist.get_world_size()
     examples, builder = prepared.train_examples, prepared.builder
@@ -349,3 +358,48 @@ def with_targets(examples: list, targets: dict[str, list[int]]) -> list:
     return [dataclasses.replace(e, target_ids=targets[k]) if (k := example_key(e)) in targets else e
             for e in examples]
 
+
+# ----------------------------------------------------------------------------- on-policy steps
+
+def on_policy_loss(models: stages.Models, examples: list, builder: data.ExampleBuilder, cfg: config_lib.DistillConfig,
+                   device, timer: StepTimer) -> tuple[LossParts, dict]:
+    """alpha * T^2 * D(teacher, student) on the student's own samples + (1 - alpha) * CE on the reference, in one
+    student forward over [samples; references] (one forward and backward per micro-batch, as on other steps).
+    Returns the loss and the host lists of the batch it trained on (for counting its tokens)."""
+    engine = models.engine
+    reference = engine_lib.to_device(builder.collate(examples), device)
+    with timer.region("student"):
+        engine.module.eval()  # sample from the student's distribution, not a dropout-perturbed one
+        with engine_lib.whole_model(engine) as whole, torch.no_grad():
+            samples = engine.module.generate(reference["source_ids"], reference["source_mask"],
+                                             reference["direction"],
+                                             all_done=None if whole else engine_lib.lockstep(device), temperature=1.0)
+        engine.module.train()
+    ended = [builder.eos_teacher_id]  # a sample shorter than the limit ended with the end token
+    sampled = [dataclasses.replace(e, target_ids=[builder.vocab.teacher_ids[t] for t in ids] +
+                                   (ended if len(ids) < builder.max_target_len else []))
+               for e, ids in zip(examples, samples)]
+    with timer.region("teacher"):
+        scored = engine_lib.to_device(builder.collate(sampled), device)
+        with torch.no_grad():
+            hidden = teacher_lib.teacher_hidden(models.teacher, scored, scored["labels"].shape[1])
+    with timer.region("student"):
+        host = builder.collate(sampled + list(examples))
+        both = engine_lib.to_device(host, device)
+        labels, n = both["labels"], len(examples)
+        kd_labels, ce_labels = labels.clone(), labels.clone()
+        kd_labels[n:], ce_labels[:n] = data.IGNORE_INDEX, data.IGNORE_INDEX
+        teacher_full = hidden.new_zeros(labels.shape + hidden.shape[-1:])
+        teacher_full[:n, :hidden.shape[1]] = hidden
+        no_teacher = hidden.new_zeros(labels.shape + (1,))  # the CE part: a teacher term weighted 0
+        no_rows = models.teacher_rows.new_zeros(models.teacher_rows.shape[0], 1)
+        kd_cfg, ce_cfg = dataclasses.replace(cfg, alpha=1.0), dataclasses.replace(cfg, alpha=0.0)
+
+        def output_loss(s_hidden, s_weight):
+            kd = fused_distill_loss(s_hidden, s_weight, teacher_full, models.teacher_rows, kd_labels, kd_cfg)
+            ce = fused_distill_loss(s_hidden, s_weight, no_teacher, no_rows, ce_labels, ce_cfg)
+            return LossParts(cfg.alpha * kd.total + (1 - cfg.alpha) * ce.total, kd.kd, ce.ce, kd.tokens + ce.tokens)
+
+        out = engine(source_ids=both["source_ids"], source_mask=both["source_mask"], direction=both["direction"],
+                     decoder_input_ids=both["decoder_input_ids"], output_loss=output_loss)
+    return out.loss_parts, host

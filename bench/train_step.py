@@ -53,36 +53,41 @@ def worker(argv: list[str]) -> None:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
+    import config as config_lib
     import data
-    import train_ds
+    import engine
+    import stages
+    import teacher
+    from step_log import StepTimer, gpu_name, peak_flops
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, required=True)
     parser.add_argument("--warmup", type=int, required=True)
     parser.add_argument("--result", type=Path, required=True)
     own, rest = parser.parse_known_args(argv)
-    args, cfg = train_ds.parse_args(rest)
-    procs = train_ds.start_processes()  # the run's own set-up: this rank's device bound, then the process group
+    _, cfg = config_lib.parse_run_args(rest, __doc__, engine.has_gpu())
+    procs = engine.start_processes()  # the run's own set-up: this rank's device bound, then the process group
     rank, world, device, on_gpu = procs.rank, procs.world, procs.device, procs.on_gpu
     accelerator = get_accelerator()
-    cfg.train.ds_config = train_ds.resolve_ds_config(cfg, "distill", on_gpu)
-    train_ds.setup_logging(Path(cfg.train.out))
-    prepared = train_ds.prepare_data("distill", cfg, Path(cfg.train.out), world)
-    models = train_ds.build_models("distill", cfg, prepared, Path(cfg.train.out), world, on_gpu, on_gpu, device)
+    cfg.train.ds_config = engine.resolve_ds_config(cfg, "distill", on_gpu)
+    engine.setup_logging(Path(cfg.train.out))
+    prepared = data.prepare_run_data("distill", cfg, Path(cfg.train.out), rank, world)
+    stage = stages.DistillStage(cfg)
+    models = stage.build_models(prepared, Path(cfg.train.out), world, on_gpu, on_gpu, device)
     builder = prepared.builder
     mine = data.make_batches(prepared.train_examples, cfg.train.micro_batch_size, cfg.data.tokens_per_batch,
                              cfg.train.seed, 0, world)[rank::world][:own.warmup + own.batches]
-    batches = [train_ds.to_device(builder.collate([prepared.train_examples[i] for i in indices]), device)
+    batches = [engine.to_device(builder.collate([prepared.train_examples[i] for i in indices]), device)
                for indices in mine]
 
     def teacher_only(batch):
         with torch.no_grad():
             labels = batch["labels"]
-            hidden = train_ds.teacher_hidden(models.teacher, batch, labels.shape[1])
+            hidden = teacher.teacher_hidden(models.teacher, batch, labels.shape[1])
             return hidden.flatten(0, 1).index_select(0, batch["target_positions"]) @ models.teacher_rows.T
 
     def full_step(batch):
-        parts = train_ds.step_loss("distill", models, batch, cfg, train_ds.StepTimer(accelerator, on_gpu))
+        parts = stage.batch_loss(models, batch, StepTimer(accelerator, on_gpu))
         models.engine.backward(parts.total)
         models.engine.step()
 
@@ -108,7 +113,7 @@ def worker(argv: list[str]) -> None:
                           dtype=torch.float64, device=device)
     dist.all_reduce(counts)
     teacher_tokens, source_tokens, target_tokens = counts.tolist()
-    peak = train_ds.peak_flops(train_ds.gpu_name(on_gpu))
+    peak = peak_flops(gpu_name(on_gpu))
     flops = models.flops(teacher_tokens, source_tokens, target_tokens)
     teacher_flops = models.flops.teacher_per_token * teacher_tokens \
         + models.flops.teacher_head_per_target * target_tokens

@@ -110,7 +110,7 @@ def launch(*args: str, fault: str = "", check: bool = True, num_gpus: int = 2) -
            str(port), "train_ds.py", *args]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "RK_DISTILL_FAULT": fault})
-    # train_ds.init_processes: DeepSpeed's 66 MB /dev/shm buffers are never left behind, even by a killed run
+    # engine.init_processes: DeepSpeed's 66 MB /dev/shm buffers are never left behind, even by a killed run
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

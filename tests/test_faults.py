@@ -1,7 +1,7 @@
 """Faults a long distillation run meets, each tried on a real 2-rank ZeRO-3 CPU run (train_ds.py):
 pre-emption (SIGTERM, SIGINT), a killed node (SIGKILL in the middle of a step and of a checkpoint save),
 non-finite losses, and mismatched models or configs at start-up. Faults are injected with
-$RK_DISTILL_FAULT (train_ds.fault) so each lands at an exact step.
+$RK_DISTILL_FAULT (faults.fault) so each lands at an exact step.
 
 Untrusted files are tried at the end: a pickled student, a teacher folder with its own Python code, a config
 file that points outside the project (the C runner's fuzzing is in test_runtime.py, bad corpus lines in

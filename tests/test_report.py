@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+import step_log
 from conftest import ROOT  # noqa: F401 -- puts the repository on sys.path
 from inference import report
-import train_ds
 
 DIRECTIONS = ("zh-en", "en-zh")
 STAGES = (("sft", "teacher (fine-tuned)"), ("distill", "student (PyTorch)"))
@@ -195,6 +195,6 @@ def test_report_follows_the_files_when_they_change(run, dist, tmp_path):
 
 def test_resumed_runs_keep_the_last_entry_per_step(tmp_path):
     for loss in (5.0, 4.0):
-        train_ds.record(tmp_path, {"step": 1, "loss": loss})
+        step_log.record(tmp_path, {"step": 1, "loss": loss})
     steps, evals = report.read_metrics(tmp_path / "metrics.jsonl")
     assert steps == [{"step": 1, "loss": 4.0}] and evals == []

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import config as config_lib
 import data
 from conftest import ROOT, free_port, launch
 
 sys.path.insert(0, str(ROOT))
 import seq_kd  # noqa: E402
-import train_ds  # noqa: E402
 
 RUN_ARGS = ["--stage", "distill", "--max_steps", "6", "--save_every", "3", "--eval_every", "100", "--keep", "5",
             "--micro_batch_size", "8", "--data.tokens_per_batch", "0", "--data.valid_subset", "4",
@@ -166,10 +166,11 @@ def test_a_teacher_pass_cut_short_keeps_its_finished_rounds(tiny_teacher, small_
     round, and a line half written) keeps the first two rounds, and the next run translates only the rest."""
     from transformers import AutoModelForCausalLM
     monkeypatch.setattr(seq_kd, "ROUND_BATCHES", 1)
-    _, cfg = train_ds.parse_args([*RUN_ARGS, "--teacher", str(tiny_teacher), "--data", str(small_corpus),
-                                  "--out", str(tmp_path / "run"), "--micro_batch_size", "4",
-                                  "--max_steps", "20", "--distill.seq_kd_beams", "1", "--distill.seq_kd_batch", "16"])
-    prepared = train_ds.prepare_data("distill", cfg, tmp_path / "run", 1)
+    _, cfg = config_lib.parse_run_args([*RUN_ARGS, "--teacher", str(tiny_teacher), "--data", str(small_corpus),
+                                        "--out", str(tmp_path / "run"), "--micro_batch_size", "4", "--max_steps",
+                                        "20", "--distill.seq_kd_beams", "1", "--distill.seq_kd_batch", "16"],
+                                       "", on_gpu=False)
+    prepared = data.prepare_run_data("distill", cfg, tmp_path / "run", 0, 1)
     header = seq_kd.cache_header(cfg, prepared.train_examples, prepared.builder)
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
     rows = teacher.lm_head.weight.detach()[torch.tensor(prepared.vocab.teacher_ids)]
@@ -211,8 +212,8 @@ def test_seq_kd_and_on_policy_cache_reuse_resume_and_staleness(tiny_teacher, sma
 
     # Half of the run's examples already have a (hand-made) translation in the cache: the run must translate only
     # the other half with the teacher, train on the cached ones, and write the union back.
-    _, cfg = train_ds.parse_args(args(tmp_path / "full"))
-    prepared = train_ds.prepare_data("distill", cfg, tmp_path / "prep", 2)
+    _, cfg = config_lib.parse_run_args(args(tmp_path / "full"), "", on_gpu=False)
+    prepared = data.prepare_run_data("distill", cfg, tmp_path / "prep", 0, 2)
     header = seq_kd.cache_header(cfg, prepared.train_examples, prepared.builder)
     scheduled = seq_kd.scheduled_indices(prepared.train_examples, cfg, 2, prepared.batches_per_epoch,
                                          prepared.total_steps)

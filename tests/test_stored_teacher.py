@@ -14,7 +14,8 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "scripts"))
 import stored_teacher  # noqa: E402
 
-import train_ds  # noqa: E402
+import config as config_lib  # noqa: E402
+import teacher  # noqa: E402
 
 STORED = ROOT / "models" / "tiny-qwen-catalogs"
 
@@ -27,7 +28,7 @@ def test_the_committed_teacher_fits_this_machines_corpus_and_loads(corpus_dir):
     here = json.loads((corpus_dir / "stats.json").read_text())["catalogs"]
     assert set(record["train_catalogs"]) <= set(here["train"])
     assert set(record["held_out_catalogs"]) == set(here["valid"]) | set(here["test"])
-    train_ds.check_teacher_folder("--teacher", str(STORED), trust_remote_code=False)
+    teacher.check_teacher_folder("--teacher", str(STORED), trust_remote_code=False)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(STORED)
     assert model.config.model_type == "qwen2" and model.num_parameters() == 1_164_416
@@ -75,8 +76,8 @@ def test_save_stores_a_finished_run_with_its_record(sft_run, corpus_dir, tmp_pat
 def test_the_quickstart_recipes_load_as_configs(recipe, stage):
     """The files quickstart.sh and bench/kd_methods.py pass as --config: valid, on the label subset, ZeRO-2,
     whole batches of 32; a flag after them still wins."""
-    _, cfg = train_ds.parse_args(["--stage", stage, "--config", str(ROOT / "scripts" / "recipes" / recipe),
-                                  "--max_steps", "7"])
+    _, cfg = config_lib.parse_run_args(["--stage", stage, "--config", str(ROOT / "scripts" / "recipes" / recipe),
+                                        "--max_steps", "7"], "", on_gpu=False)
     assert (cfg.data.path, cfg.data.tokens_per_batch, cfg.train.micro_batch_size) == ("data/labels", 0, 32)
     assert cfg.train.ds_config == "ds_configs/zero2.json" and cfg.train.max_steps == 7
     assert cfg.train.lr == (0.0005 if stage == "sft" else 0.002)

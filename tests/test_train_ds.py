@@ -89,24 +89,6 @@ def test_export_consolidates_zero3_shards(distill_run, tmp_path):
     assert data.VocabMap.load(out).size == final.config.vocab_size
 
 
-def test_teacher_logits_are_aligned_with_padding(tiny_teacher, small_corpus):
-    """Left-padded batched teacher logits equal each example's logits computed alone."""
-    sys.path.insert(0, str(ROOT))
-    import train_ds
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
-    teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
-    builder = data.ExampleBuilder(tokenizer, data.VocabMap.full(tokenizer, teacher.config.vocab_size), 48, 48)
-    examples, _ = builder.examples(data.read_pairs(small_corpus / "valid.jsonl")[:6], ["zh-en", "en-zh"])
-    batch = train_ds.to_device(data.collate(examples, builder.pad_id, builder.bos_id, builder.vocab.student_of,
-                                            tokenizer.pad_token_id), "cpu")
-    with torch.no_grad():
-        batched = train_ds.teacher_logits(teacher, batch, batch["labels"].shape[1])
-        for row, ex in enumerate(examples):
-            alone = teacher(torch.tensor([ex.prompt_ids + ex.target_ids[:-1]])).logits[0, len(ex.prompt_ids) - 1:]
-            torch.testing.assert_close(batched[row, :len(ex.target_ids)], alone, atol=1e-4, rtol=1e-4)
-
-
 def test_streamed_corpus_trains_and_resumes_exactly(tiny_teacher, small_corpus, tmp_path):
     """--data.stream_window: the train split read from a save_to_disk folder in 100-row windows; a run halted
     at step 3 resumes at its saved stream position and ends with the uninterrupted run's losses."""
@@ -127,61 +109,6 @@ def test_streamed_corpus_trains_and_resumes_exactly(tiny_teacher, small_corpus, 
     launch(*args, "--out", str(halted), "--halt_at", "3")
     launch(*args, "--out", str(halted), "--resume")
     assert step_losses(halted) == step_losses(whole) and sorted(step_losses(whole)) == list(range(1, 7))
-
-
-class EightGPUNode:
-    """What DeepSpeed's CUDA accelerator answers on a node with 8 GPUs (the part bind_device uses), for a machine
-    that has none: every rank there sees all 8 devices until it binds its own."""
-
-    def __init__(self):
-        self.bound: list[int] = []
-
-    def device_name(self, index=None) -> str:
-        return "cuda" if index is None else f"cuda:{index}"
-
-    def set_device(self, index: int) -> None:
-        self.bound.append(index)
-
-
-def test_each_rank_of_a_node_binds_its_own_gpu_and_a_cpu_rank_binds_nothing():
-    import train_ds
-    from deepspeed.accelerator import get_accelerator
-    node = EightGPUNode()
-    assert [train_ds.bind_device(node, local_rank) for local_rank in range(8)] == \
-        [torch.device(f"cuda:{r}") for r in range(8)]
-    assert node.bound == list(range(8))
-    assert train_ds.bind_device(get_accelerator(), 5) == torch.device("cpu")  # this machine's real accelerator
-
-
-def test_mfu_uses_each_cards_own_peak_and_none_for_an_unknown_card():
-    import train_ds
-    peaks = {name: train_ds.peak_flops(name) for name in (
-        "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H200", "NVIDIA H20", "NVIDIA A100-SXM4-80GB",
-        "NVIDIA A10", "NVIDIA A10G", "NVIDIA L40S", "NVIDIA GeForce RTX 3090")}
-    assert peaks == {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H200": 989e12,
-                     "NVIDIA H20": 148e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A10": 125e12,
-                     "NVIDIA A10G": None, "NVIDIA L40S": 362e12, "NVIDIA GeForce RTX 3090": None}
-    assert train_ds.peak_flops(train_ds.gpu_name(on_gpu=False)) is None
-
-
-def test_student_zero_stage_and_teacher_buckets_follow_the_device_and_the_teacher():
-    import config as config_lib
-    import train_ds
-    cfg = config_lib.Config()
-    assert [train_ds.resolve_ds_config(cfg, stage, on_gpu) for stage, on_gpu in
-            (("distill", False), ("sft", False), ("distill", True), ("sft", True))] == \
-        ["ds_configs/zero3.json", "ds_configs/zero3.json", "ds_configs/zero2.json", "ds_configs/zero3.json"]
-    cfg.train.ds_config = "ds_configs/zero3_offload.json"
-    assert train_ds.resolve_ds_config(cfg, "distill", True) == "ds_configs/zero3_offload.json"
-    ds = json.loads((ROOT / "ds_configs" / "teacher_zero3.json").read_text())
-    zero = train_ds.teacher_zero3_config(ds, "offload", 4096)["zero_optimization"]  # Qwen3-8B's width
-    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
-            zero["stage3_param_persistence_threshold"]) == (4096 ** 2, int(0.9 * 4096 ** 2), 40960)
-    assert zero["offload_param"]["device"] == "cpu"
-    gib = 2 ** 30  # 8B bf16 teacher (16 GiB) on 80 GiB cards, 8 ranks; then on 24 GiB cards
-    assert train_ds.place_teacher("auto", 8 * 10 ** 9, torch.bfloat16, 8, 76 * gib)[0] == "resident"
-    assert train_ds.place_teacher("auto", 8 * 10 ** 9, torch.bfloat16, 8, 20 * gib)[0] == "sharded"
-    assert train_ds.place_teacher("auto", 8 * 10 ** 9, torch.bfloat16, 1, 20 * gib)[0] == "offload"
 
 
 def test_bf16_run_fine_tunes_distils_resumes_and_exports_float32(tiny_teacher, small_corpus, tmp_path):
@@ -230,7 +157,6 @@ def without_launcher() -> dict:
 def test_every_path_is_checked_in_one_line_before_anything_loads(tiny_teacher, small_corpus, student_folder,
                                                                  tmp_path, capsys):
     import config as config_lib
-    import train_ds
     (tmp_path / "empty").mkdir()
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "vision").mkdir()
@@ -253,12 +179,12 @@ def test_every_path_is_checked_in_one_line_before_anything_loads(tiny_teacher, s
         (["--stage", "export", "--ckpt", str(tmp_path / "empty")], "not a run's checkpoints folder"),
     ]
     for extra, message in cases:
-        args, cfg = train_ds.parse_args([*good, *extra])
+        args, cfg = config_lib.parse_run_args([*good, *extra], "", on_gpu=False)
         with pytest.raises((config_lib.ConfigError, data.CorpusError), match=re.escape(message)):
-            train_ds.check_paths(args, cfg)
-    train_ds.check_paths(*train_ds.parse_args(good))  # the good ones pass
+            config_lib.check_run_paths(args, cfg)
+    config_lib.check_run_paths(*config_lib.parse_run_args(good, "", on_gpu=False))  # the good ones pass
     with pytest.raises(SystemExit):
-        train_ds.parse_args([*good, "--config", "/nonexistent.yaml"])
+        config_lib.parse_run_args([*good, "--config", "/nonexistent.yaml"], "", on_gpu=False)
     assert capsys.readouterr().err.startswith("train_ds.py: --config /nonexistent.yaml: no such file")
 
     # as a user meets it: one line, before any process group starts, whether launched or not
