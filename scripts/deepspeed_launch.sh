@@ -25,6 +25,18 @@ if [ -z "${DEEPSPEED:-}" ]; then
   if [ -x .venv/bin/deepspeed ]; then DEEPSPEED=.venv/bin/deepspeed; else DEEPSPEED=deepspeed; fi
 fi
 
+# Training variables are train_ds.py flags: flags_from_variables VAR=--flag ... appends `--flag "$VAR"` to FLAGS for
+# each VAR that is set. One that is not set passes nothing, so config.py's default applies (train_ds.py --help
+# lists them all) and the scripts hold no second copy of any default.
+FLAGS=()
+flags_from_variables() {
+  local pair var
+  for pair in "$@"; do
+    var=${pair%%=*}
+    if [ -n "${!var:-}" ]; then FLAGS+=("${pair#*=}" "${!var}"); fi
+  done
+}
+
 deepspeed_launch() {  # deepspeed_launch NAME TRAIN_DS_ARGS...: print the resolved command, then exec it
   local name=$1
   shift

@@ -3,20 +3,16 @@
 # that run_distill.sh takes as TEACHER.
 #   TEACHER=/models/Qwen1.5-1.8B DATA=data/catalogs NUM_GPUS=4 bash scripts/run_teacher_sft.sh [train_ds.py flags]
 #   multi-node: HOSTFILE=scripts/hostfile.example NUM_NODES=2 bash scripts/run_teacher_sft.sh
-# Variables: TEACHER, DATA, OUT, DS_CONFIG, MICRO_BATCH, GRAD_ACCUM, LR, EPOCHS below; the launcher's
-# (NUM_GPUS, HOSTFILE, NUM_NODES, MASTER_ADDR, MASTER_PORT, LAUNCHER_ARGS, DEEPSPEED, DRY_RUN=1) are described in
-# scripts/deepspeed_launch.sh. Flags after the script go to train_ds.py and win over the variables.
+# Variables, each a train_ds.py flag passed only when set (config.py's default otherwise; train_ds.py --help):
+#   CONFIG (--config; default scripts/recipes/qwen-sft.yaml: a real Qwen's rate and batch), TEACHER, DATA,
+#   OUT (default runs/sft), DS_CONFIG, MICRO_BATCH, GRAD_ACCUM, LR, EPOCHS.
+# The launcher's (NUM_GPUS, HOSTFILE, NUM_NODES, MASTER_ADDR, MASTER_PORT, LAUNCHER_ARGS, DEEPSPEED, DRY_RUN=1) are
+# described in scripts/deepspeed_launch.sh. Flags after the script go to train_ds.py and win over the variables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TEACHER=${TEACHER:-models/tiny-qwen}
-DATA=${DATA:-data/catalogs}
+CONFIG=${CONFIG:-scripts/recipes/qwen-sft.yaml}
 OUT=${OUT:-runs/sft}
-DS_CONFIG=${DS_CONFIG:-ds_configs/zero3.json}
-MICRO_BATCH=${MICRO_BATCH:-8}
-GRAD_ACCUM=${GRAD_ACCUM:-4}
-LR=${LR:-2e-5}
-EPOCHS=${EPOCHS:-1}
 source scripts/deepspeed_launch.sh
-deepspeed_launch run_teacher_sft --stage sft --teacher "$TEACHER" --data "$DATA" --out "$OUT" \
-  --ds_config "$DS_CONFIG" --micro_batch_size "$MICRO_BATCH" --grad_accum "$GRAD_ACCUM" --lr "$LR" \
-  --epochs "$EPOCHS" "$@"
+flags_from_variables CONFIG=--config TEACHER=--teacher DATA=--data OUT=--out DS_CONFIG=--ds_config \
+  MICRO_BATCH=--micro_batch_size GRAD_ACCUM=--grad_accum LR=--lr EPOCHS=--epochs
+deepspeed_launch run_teacher_sft --stage sft "${FLAGS[@]}" "$@"

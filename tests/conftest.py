@@ -118,10 +118,10 @@ def launch(*args: str, fault: str = "", check: bool = True, num_gpus: int = 2) -
 
 
 # What scripts/*.sh read from the environment: only the values a test passes may reach them.
-SCRIPT_VARIABLES = ("TEACHER", "DATA", "OUT", "PRESET", "DS_CONFIG", "TEACHER_DS_CONFIG", "MICRO_BATCH", "GRAD_ACCUM",
-                    "LR", "EPOCHS", "KD_LOSS", "NUM_GPUS", "HOSTFILE", "NUM_NODES", "MASTER_ADDR", "MASTER_PORT",
-                    "LAUNCHER_ARGS", "DEEPSPEED", "DRY_RUN", "HOST", "RUN", "DIST", "SFT_STEPS", "DISTILL_STEPS",
-                    "TAG", "EXTRACT_WORKERS", "MERGE_WORKERS", "PYTHON")
+SCRIPT_VARIABLES = ("CONFIG", "TEACHER", "DATA", "OUT", "PRESET", "DS_CONFIG", "TEACHER_DS_CONFIG", "MICRO_BATCH",
+                    "GRAD_ACCUM", "LR", "EPOCHS", "KD_LOSS", "NUM_GPUS", "HOSTFILE", "NUM_NODES", "MASTER_ADDR",
+                    "MASTER_PORT", "LAUNCHER_ARGS", "DEEPSPEED", "DRY_RUN", "HOST", "RUN", "DIST", "SFT_STEPS",
+                    "DISTILL_STEPS", "TAG", "EXTRACT_WORKERS", "MERGE_WORKERS", "PYTHON")
 
 
 def run_script(script: str, env: dict[str, str], *args: str, timeout: int = 600,

@@ -115,26 +115,28 @@ def test_run_distill_sh_through_a_localhost_hostfile(sft_run, small_corpus, tmp_
 def test_readme_commands_resolve(script, env, expected):
     """The README's exact variable settings (a 4-GPU node that is not here) resolve to a command that
     train_ds.py's own parser accepts, with every flag in range."""
-    import train_ds
+    import config as config_lib
     result = run_script(script, {**env, "DRY_RUN": "1"}, timeout=30)
     name = script.removesuffix(".sh")
     assert result.stdout.startswith(f"{name}: ") and len(result.stdout.splitlines()) == 1
     launcher, args = split_at_script(printed_command(result.stdout, name))
     assert flag(launcher, "--num_gpus") == "4" and flag(launcher, "--master_port") == "29500"
     assert {key: flag(args, key) for key in expected} == expected
-    _, cfg = train_ds.parse_args(args)
+    _, cfg = config_lib.parse_run_args(args, "", on_gpu=False)
     assert cfg.train.teacher == expected["--teacher"] and cfg.train.out == expected["--out"]
     if "--preset" in expected:
         assert cfg.model.preset == "balanced" and cfg.model.d_model == 320  # the README's table
 
 
 def test_readme_multi_node_command_is_one_pdsh_launch_over_both_workers():
-    """`HOSTFILE=scripts/hostfile.example NUM_NODES=2 bash scripts/run_distill.sh`: this machine has neither pdsh
-    nor the workers, so DRY_RUN=1 prints the command and DeepSpeed's runner code resolves it as `deepspeed` would."""
+    """`TEACHER=runs/sft/final PRESET=balanced HOSTFILE=scripts/hostfile.example NUM_NODES=2 bash
+    scripts/run_distill.sh`: this machine has neither pdsh nor the workers, so DRY_RUN=1 prints the command and
+    DeepSpeed's runner code resolves it as `deepspeed` would."""
     from deepspeed.launcher import runner
     from deepspeed.launcher.multinode_runner import PDSHRunner
-    result = run_script("run_distill.sh", {"HOSTFILE": "scripts/hostfile.example", "NUM_NODES": "2",
-                                           "NUM_GPUS": "8", "DRY_RUN": "1"}, timeout=30)
+    result = run_script("run_distill.sh", {"TEACHER": "runs/sft/final", "PRESET": "balanced",
+                                           "HOSTFILE": "scripts/hostfile.example", "NUM_NODES": "2", "NUM_GPUS": "8",
+                                           "DRY_RUN": "1"}, timeout=30)
     cmd = printed_command(result.stdout, "run_distill")
     args = runner.parse_args(cmd[1:])
     assert (args.hostfile, args.num_nodes, args.num_gpus, args.user_script) == \
