@@ -1,4 +1,4 @@
-"""One typed configuration for every part of rk-distill.
+"""One typed configuration for a training run of rk-distill (deploy/ takes its own flags: python -m deploy --help).
 
 A run's configuration is built in three layers, each overriding the last:
 the student preset (`--preset tiny`), an optional JSON/YAML file (`--config run.yaml`),
@@ -154,23 +154,11 @@ class TrainConfig:
 
 
 @dataclass
-class DeployConfig:
-    """Turning a student folder into a board bundle."""
-    target: str = _field("rv1126b", "Rockchip platform for rknn-toolkit2")
-    precision: str = _field("auto", "RKNN precision; auto picks the smallest within 1 BLEU of fp32",
-                            choices=("auto", "w8a8", "fp16", "w4a16", "hybrid"))
-    quant_algorithm: str = _field("normal", "int8 calibration algorithm", choices=("normal", "mmse", "kl_divergence"))
-    calib_samples: int = _field(50, "sentences used to calibrate int8 quantisation", low=1, high=10000)
-    opset: int = _field(17, "ONNX opset", low=17, high=23)
-
-
-@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    deploy: DeployConfig = field(default_factory=DeployConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -334,7 +322,7 @@ def from_mapping(data: dict, cfg: Config | None = None, origin: str = "config") 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --config, every dotted field and the short aliases to parser (all defaulting to 'not given')."""
-    parser.add_argument("--config", help="JSON or YAML file with sections model/data/distill/train/deploy; "
+    parser.add_argument("--config", help="JSON or YAML file with sections model/data/distill/train; "
                         "applied after the preset, before the flags")
     reverse_alias = {v: k for k, v in ALIASES.items()}
     types = _section_types()
@@ -371,7 +359,7 @@ def from_args(args: argparse.Namespace, on_gpu: bool = False) -> Config:
     preset = given.get("model.preset")
     if getattr(args, "config", None) and not Path(args.config).is_file():
         raise ConfigError(f"--config {args.config}: no such file; expected a JSON or YAML file with sections "
-                          "model, data, distill, train, deploy")
+                          "model, data, distill, train")
     file_data = load_file(args.config) if getattr(args, "config", None) else {}
     out = (file_data.get("train") or {}).get("out") if isinstance(file_data.get("train"), dict) else None
     if out is not None and (Path(str(out)).is_absolute() or ".." in Path(str(out)).parts):

@@ -34,7 +34,7 @@ def preset_costs(preset: str, folder: Path) -> tuple[dict, dict]:
 
     from config import PRESETS as SHAPES
     from deploy import estimate, export_onnx
-    from inference.backends import contract_io
+    from deploy.contract import contract_io
     from model import StudentConfig, StudentForTranslation
 
     shape, vocab = SHAPES[preset]["model"], SHAPES[preset]["data"]["vocab_size"]

@@ -69,7 +69,7 @@ def tokenizer_of_size(vocab_size: int, folder: Path):
 
 def io_types(kind: str, meta) -> dict:
     from deploy import replay
-    from inference.backends import contract_io
+    from deploy.contract import contract_io
 
     if kind == "fp32":
         return {}
@@ -87,19 +87,18 @@ def measure(preset: str, runner: Path, work: Path, runs: int) -> list[dict]:
 
     import data
     from config import Config, apply_preset
-    from deploy import replay
-    from inference import backends
+    from deploy import contract, replay
 
     cfg = Config()
     apply_preset(cfg, preset)
     model = cfg.model
     tokenizer, vocab = tokenizer_of_size(cfg.data.vocab_size, work / f"tokenizer-{cfg.data.vocab_size}")
     builder = data.ExampleBuilder(tokenizer, vocab, SOURCE_LEN, TARGET_LEN)
-    meta = backends.DeployMeta(model.decoder, SOURCE_LEN, TARGET_LEN, model.d_model, model.decoder_layers,
+    meta = contract.DeployMeta(model.decoder, SOURCE_LEN, TARGET_LEN, model.d_model, model.decoder_layers,
                                model.n_heads, vocab.size, builder.pad_id, builder.bos_id, builder.eos_id,
                                ["zh-en", "en-zh"], max(SOURCE_LEN, TARGET_LEN) + 1, 0)
     rng = np.random.default_rng(0)
-    tables = backends.EmbedTables(*(rng.standard_normal((rows, meta.D), dtype=np.float32)
+    tables = contract.EmbedTables(*(rng.standard_normal((rows, meta.D), dtype=np.float32)
                                     for rows in (meta.V, 2, meta.max_positions)))
     folder = work / preset
     folder.mkdir(parents=True, exist_ok=True)
@@ -107,8 +106,8 @@ def measure(preset: str, runner: Path, work: Path, runs: int) -> list[dict]:
     rows = []
     for label, (options, kind) in IO.items():
         types = io_types(kind, meta)
-        recorder = backends.Recorder(replay.RandomStepModel(meta))  # never eos: all 48 steps
-        backends.greedy(replay.QuantizedIO(recorder, types) if types else recorder, tables, meta,
+        recorder = contract.Recorder(replay.RandomStepModel(meta))  # never eos: all 48 steps
+        contract.greedy(replay.QuantizedIO(recorder, types) if types else recorder, tables, meta,
                         builder.student_ids(TEXT), 0)
         recording = replay.write_recording(folder / "recording.bin", meta, recorder.sentences[0])
         models = [replay.write_fake_model(folder / f"{role}.rknn", role, recording, options, types.get(role))

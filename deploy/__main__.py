@@ -11,6 +11,7 @@
                 torch, onnx, onnx-int8 and each precision in the simulator, which also checks every sentence against
                 fp32 onnxruntime (graph output cosines, teacher-forced token agreement: deploy/rknn_sim_eval.py)
  5. host cost   ONNX on one CPU thread: ms/sentence and peak RSS, in a process that loads nothing else
+                (deploy/host_cost.py)
  6. choose      the precisions that keep the translation (QUALIFY below); the fastest of them by the NPU estimate
                 (deploy/estimate.py) ships; fp16 when none does
  7. package     DIST/board/ (deploy/package.py), then the NPU time/memory estimate of every precision
@@ -39,10 +40,10 @@ import torch
 
 import data
 from config import DIRECTIONS
-from deploy import estimate, export_onnx, package
+from deploy import contract, estimate, export_onnx, package
+from deploy.contract import Dist
 from deploy.convert_rknn import PRECISIONS, QUANT_ALGORITHMS, W4A16_TARGETS
 from inference import backends
-from inference.backends import Dist
 from inference.evaluate import evaluate
 from inference.translator import InputTooLongError, Translator
 
@@ -136,10 +137,11 @@ def ensure_rknn_env(python: Path) -> None:
 
 
 def convert(python: Path, dist: Dist, precisions: Sequence[str], target: str, quant_algorithm: str) -> dict:
-    command = [str(python), str(REPO / "deploy" / "convert_rknn.py"), "--onnx_dir", str(dist.onnx),
+    # Run from the repository root, as every entry point is, so every path in it is absolute (dist's already are).
+    command = [str(python.absolute()), "-m", "deploy.convert_rknn", "--onnx_dir", str(dist.onnx),
                "--calib", str(dist.calib), "--eval", str(dist.eval), "--precision", ",".join(precisions),
                "--target", target, "--quant_algorithm", quant_algorithm, "--out", str(dist.rknn)]
-    if subprocess.run(command).returncode != 0:
+    if subprocess.run(command, cwd=REPO).returncode != 0:
         raise DeployError("RKNN conversion failed (the converter's message is above)")
     return json.loads(dist.rknn_report.read_text())
 
@@ -160,7 +162,7 @@ def evaluate_backend(translator: Translator, pairs: list[data.Pair], directions:
 def evaluate_all(model: Path, dist: Dist, pairs: list[data.Pair], precisions: Sequence[str],
                  directions: Sequence[str]) -> tuple[dict[str, dict], dict[str, dict]]:
     """BLEU/chrF per backend and direction (torch on the student folder, the rest on DIST), and per precision the
-    simulator's fidelity to fp32 onnxruntime on the same sentences (backends.fidelity), both directions pooled."""
+    simulator's fidelity to fp32 onnxruntime on the same sentences (contract.fidelity), both directions pooled."""
     quality = {"torch": evaluate_backend(Translator(model), pairs, directions)}
     fidelity = {}
     for backend in ["onnx", "onnx-int8", *(f"rknn-sim:{p}" for p in precisions)]:
@@ -168,14 +170,14 @@ def evaluate_all(model: Path, dist: Dist, pairs: list[data.Pair], precisions: Se
         try:
             quality[backend] = evaluate_backend(translator, pairs, directions)
             if isinstance(translator.decoder, backends.RknnSimDecoder):
-                fidelity[backend.partition(":")[2]] = backends.fidelity(translator.decoder.take_checks())
+                fidelity[backend.partition(":")[2]] = contract.fidelity(translator.decoder.take_checks())
         finally:
             translator.decoder.close()
     return quality, fidelity
 
 
 def host_requests(translator: Translator, pairs: list[data.Pair], directions: Sequence[str]) -> dict:
-    """Student ids of every test source that fits, in both directions, as inference/backends.py reads them."""
+    """Student ids of every test source that fits, in both directions, as deploy/host_cost.py reads them."""
     sources, direction_ids = [], []
     for direction in directions:
         for pair in pairs:
@@ -194,9 +196,9 @@ def host_cost(dist: Dist, requests: dict) -> dict[str, dict]:
         json.dump(requests, handle)
         handle.flush()
         for backend in ("onnx", "onnx-int8"):
-            command = [sys.executable, str(REPO / "inference" / "backends.py"), "--dist", str(dist.root),
+            command = [sys.executable, "-m", "deploy.host_cost", "--dist", str(dist.root),
                        "--backend", backend, "--requests", handle.name, "--threads", "1"]
-            done = subprocess.run(command, capture_output=True, text=True)
+            done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
             if done.returncode != 0:
                 raise DeployError(f"timing {backend} failed: {done.stderr.strip()[-500:]}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -526,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_inputs(args)
         report = run(args)
-    except (DeployError, export_onnx.ExportError, backends.BackendError, data.CorpusError,
+    except (DeployError, export_onnx.ExportError, contract.ContractError, backends.BackendError, data.CorpusError,
             data.VocabMismatchError) as exc:
         log.error("%s", exc)
         return 2

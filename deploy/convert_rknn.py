@@ -1,9 +1,9 @@
 """Convert encoder.onnx / decoder.onnx to .rknn for each precision and check them in the RKNN simulator.
 
 Runs INSIDE the RKNN venv (create it with `bash deploy/setup_rknn_env.sh`); imports only the stdlib, numpy,
-onnxruntime, onnx (the toolkit's own dependency) and rknn-toolkit2, never the training code.
+onnxruntime, onnx (the toolkit's own dependency) and rknn-toolkit2, never the training code. From the repository root:
 
-    .venv-rknn/bin/python deploy/convert_rknn.py --onnx_dir DIST/onnx --calib DIST/onnx/calib.npz \
+    .venv-rknn/bin/python -m deploy.convert_rknn --onnx_dir DIST/onnx --calib DIST/onnx/calib.npz \
         --eval DIST/onnx/eval.npz --precision w8a8,fp16 --out DIST/rknn
 
 Calibration / eval file (.npz, written by the exporter): one array per graph input, named `<graph>/<input>`
@@ -79,7 +79,7 @@ def import_rknn() -> Any:
     except ImportError as exc:
         raise RknnEnvError(
             f"rknn-toolkit2 is not importable from {sys.executable} ({exc}); run `bash deploy/setup_rknn_env.sh` "
-            "and call this script with .venv-rknn/bin/python"
+            "and run it as .venv-rknn/bin/python -m deploy.convert_rknn"
         ) from exc
     return RKNN
 

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from inference.backends import DeployMeta, Dist
+from deploy.contract import DeployMeta, Dist
 
 LABEL = "estimate, not a board measurement (./run.sh --bench on the board measures it)"
 

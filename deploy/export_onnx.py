@@ -12,7 +12,8 @@ Writes into OUT (= DIST/onnx):
   calib.npz, eval.npz          rows for deploy/convert_rknn.py, made by greedy-decoding --calib sentences / --test
                                sentences (only those sharing no side with a --calib pair: calibration_disjoint)
 and beside it DIST/onnx-int8/ (onnxruntime dynamic int8, for CPU hosts without an NPU) and DIST/tokenizer/ (the
-student's tokenizer and vocabulary map, for inference.backends and the board's tokenizer.bin).
+student's tokenizer and vocabulary map, for inference.backends and the board's tokenizer.bin). Where each file goes
+and what it holds: deploy/contract.py.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 import data
 from config import DIRECTIONS
-from inference import backends
-from inference.backends import DeployMeta, Dist, EmbedTables, Feeds, LoopDecoder, OnnxStepModel, contract_io
+from deploy.contract import (ContractError, DeployMeta, Dist, EmbedTables, Feeds, Recorder, StepModel, contract_io,
+                             greedy)
+from deploy.onnx_step_model import OnnxStepModel
 from model import StudentForTranslation
 
 log = logging.getLogger("deploy.export_onnx")
@@ -182,8 +185,8 @@ class ParityProbe:
     differences seen are those the deployed loop accumulates; records the largest |diff| of the encoder's outputs
     and of the logits."""
 
-    reference: backends.StepModel
-    candidate: backends.StepModel
+    reference: StepModel
+    candidate: StepModel
     max_diff: dict[str, float] = field(default_factory=lambda: {"encoder": 0.0, "logits": 0.0})
     max_abs_logit: float = 0.0
 
@@ -203,7 +206,7 @@ class ParityProbe:
         return got
 
 
-def calibration_arrays(recorder: backends.Recorder, rows_per_sentence: int) -> dict[str, np.ndarray]:
+def calibration_arrays(recorder: Recorder, rows_per_sentence: int) -> dict[str, np.ndarray]:
     """convert_rknn's layout: `<graph>/<input>` stacked on a leading sample axis; decoder rows evenly spread over
     each sentence's steps (early steps see a nearly empty cache, late ones a full one)."""
     encoder, decoder = [], []
@@ -267,7 +270,7 @@ def parity(reference: TorchStepModel, candidate: OnnxStepModel, tables: EmbedTab
            requests: Sequence[Request], expected: Sequence[list[int]]) -> dict:
     """One backend against torch: logit/encoder differences step by step and greedy agreement with generate."""
     probe = ParityProbe(reference, candidate)
-    got = LoopDecoder(probe, tables, meta).decode([r.source_ids for r in requests], [r.direction for r in requests])
+    got = [greedy(probe, tables, meta, r.source_ids, r.direction) for r in requests]
     mismatches = [i for i, (a, b) in enumerate(zip(got, expected)) if a != b]
     return {"max_abs_diff_logits": probe.max_diff["logits"], "max_abs_diff_encoder": probe.max_diff["encoder"],
             "max_abs_logit": probe.max_abs_logit, "greedy_identical": len(requests) - len(mismatches),
@@ -293,9 +296,10 @@ def quantize_int8(src: Path, dst: Path) -> None:
 def calibration_rows(tables: EmbedTables, meta: DeployMeta, model: OnnxStepModel,
                      requests: Sequence[Request]) -> dict[str, np.ndarray]:
     """Rows for the RKNN calibration/eval files, from the deployed greedy loop on real sentences."""
-    recorder = backends.Recorder(model, keep_outputs=False)
-    LoopDecoder(recorder, tables, meta, progress=True).decode([r.source_ids for r in requests],
-                                                              [r.direction for r in requests])
+    recorder = Recorder(model, keep_outputs=False)
+    # disable=None: a bar only when stderr is a terminal, so logs and captured output stay clean.
+    for r in tqdm(requests, desc="greedy", unit="sent", disable=None, leave=False):
+        greedy(recorder, tables, meta, r.source_ids, r.direction)
     return calibration_arrays(recorder, DECODER_ROWS_PER_SENTENCE)
 
 
@@ -430,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         report = export(ExportOptions(**vars(args)))
-    except (ExportError, backends.BackendError, data.CorpusError, data.VocabMismatchError) as exc:
+    except (ExportError, ContractError, data.CorpusError, data.VocabMismatchError) as exc:
         log.error("%s", exc)
         return 2
     fp32, int8 = report["onnx"], report["onnx-int8"]

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 from deploy import estimate
 from deploy.tokenizer_bin import TokenizerBinError, write_tokenizer_bin
-from inference.backends import BackendError, DeployMeta, Dist, default_precision
+from deploy.contract import ContractError, DeployMeta, Dist, default_precision
 
 log = logging.getLogger("deploy.package")
 
@@ -313,7 +313,7 @@ def shipped_reason(dist: Dist, precision: str) -> str:
 def load_meta(dist: Dist) -> DeployMeta:
     try:
         return DeployMeta.load(dist.meta)
-    except BackendError as exc:
+    except ContractError as exc:
         raise PackageError(str(exc)) from exc
 
 
@@ -335,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dist = Dist(args.dist.resolve())
     try:
         result = package(dist, args.precision or default_precision(dist), args.runner, args.tokens, args.rknn_sdk)
-    except (PackageError, BackendError) as exc:
+    except (PackageError, ContractError) as exc:
         log.error("%s", exc)
         return 2
     print(json.dumps(result, indent=2))

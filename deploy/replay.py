@@ -3,11 +3,11 @@
 `rk_translate --backend replay RECORDING - ...` replays one sentence's recording (deploy/runtime/recording.h has the
 format), and deploy/runtime/test/fake_rknnrt.c, the project's stand-in for the board's librknnrt.so, serves one
 through the RKNN C API with each tensor in the type and layout its fake model file names (write_fake_model). A
-recording is made by running inference.backends.greedy over a backends.Recorder: on onnxruntime for real exported
+recording is made by running deploy.contract.greedy over a contract.Recorder: on onnxruntime for real exported
 graphs (QuantizedIO rounds every graph input and output to the types the board's model has, exactly as the runner
 converts them), or on RandomStepModel where only the shapes matter (host benchmarks, fuzzing).
 
-Numpy only, like inference/backends.py.
+Numpy only, like deploy/contract.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from inference.backends import DeployMeta, Feeds, Sentence, StepModel, contract_io
+from deploy.contract import DeployMeta, Feeds, Sentence, StepModel, contract_io
 
 RECORDING_MAGIC = b"RKRPL2\0\0"
 FAKE_MODEL_MAGIC = b"RKFAKE2\0"

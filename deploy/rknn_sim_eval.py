@@ -17,46 +17,32 @@ the simulator's output to onnxruntime's on the very same inputs, one per call al
 simulator's own greedy output: fp32's path when every forced step agreed (the same inputs give the same outputs, so
 free decoding would retrace it), else a free greedy decode.
 
-The decoding loop is inference/backends.py's `step_argmaxes`, loaded by file path (the inference package imports
-torch and transformers, which this venv does not have). Toolkit logs: DIST/rknn/<precision>/sim/.
+The decoding loop is deploy.contract's `step_argmaxes`, the one every backend runs. Toolkit logs:
+DIST/rknn/<precision>/sim/. From the repository root:
 
     printf '%s\\n' '{"sources": [[5, 6, 7]], "directions": [0]}' | \\
-        .venv-rknn/bin/python deploy/rknn_sim_eval.py --dist DIST --precision w8a8
+        .venv-rknn/bin/python -m deploy.rknn_sim_eval --dist DIST --precision w8a8
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import IO, Any, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-import convert_rknn as cr  # this file's folder is sys.path[0] when run as a script
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_backends() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("rk_backends", REPO / "inference" / "backends.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-bk = load_backends()
+from deploy import contract
+from deploy import convert_rknn as cr
+from deploy.onnx_step_model import OnnxStepModel
 
 
 class SimulatorStepModel:
-    """backends.StepModel over convert_rknn.SimulatedModel."""
+    """contract.StepModel over convert_rknn.SimulatedModel."""
 
     def __init__(self, model: cr.SimulatedModel) -> None:
         self.model = model
@@ -74,7 +60,7 @@ class CosineProbe:
     every output of every call; it returns the simulator's outputs, so the state carried is the simulator's own."""
 
     simulated: SimulatorStepModel
-    reference: bk.OnnxStepModel
+    reference: OnnxStepModel
     cosines: dict[str, dict[str, list[float]]] = field(default_factory=lambda: {"encoder": {}, "decoder": {}})
 
     def _compare(self, graph: str, got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -94,17 +80,17 @@ class CheckingDecoder:
     """Greedy decoding in the simulator, each sentence checked against fp32 onnxruntime (module docstring)."""
 
     simulated: SimulatorStepModel
-    reference: bk.OnnxStepModel
-    tables: bk.EmbedTables
-    meta: bk.DeployMeta
+    reference: OnnxStepModel
+    tables: contract.EmbedTables
+    meta: contract.DeployMeta
     progress: bool = False
 
     def sentence(self, source: Sequence[int], direction: int) -> tuple[list[int], dict[str, Any]]:
         args = (self.tables, self.meta, source, direction)
-        fp32 = bk.step_argmaxes(self.reference, *args)
+        fp32 = contract.step_argmaxes(self.reference, *args)
         probe = CosineProbe(self.simulated, self.reference)
-        forced = bk.step_argmaxes(probe, *args, forced=fp32)
-        hypothesis = bk.without_eos(fp32, self.meta) if forced == fp32 else bk.greedy(self.simulated, *args)
+        forced = contract.step_argmaxes(probe, *args, forced=fp32)
+        hypothesis = contract.without_eos(fp32, self.meta) if forced == fp32 else contract.greedy(self.simulated, *args)
         return hypothesis, {"fp32": fp32, "argmax": forced, "cosines": probe.cosines}
 
     def decode(self, sources: Sequence[Sequence[int]], directions: Sequence[int]) -> dict[str, list]:
@@ -115,7 +101,7 @@ class CheckingDecoder:
         return {"hypotheses": [h for h, _ in results], "checks": [c for _, c in results]}
 
 
-def build_options(dist: bk.Dist, precision: str) -> cr.BuildOptions:
+def build_options(dist: contract.Dist, precision: str) -> cr.BuildOptions:
     """The converter's options for this DIST (target, algorithm), else the defaults."""
     if not dist.rknn_report.is_file():
         return cr.BuildOptions(precision)
@@ -137,14 +123,14 @@ def reply(stream: IO[str], message: dict[str, Any]) -> None:
 
 
 def serve(args: argparse.Namespace, stream: IO[str]) -> None:
-    dist = bk.Dist(args.dist.resolve())
-    meta, tables = bk.DeployMeta.load(dist.meta), bk.EmbedTables.load(dist.embed)
+    dist = contract.Dist(args.dist.resolve())
+    meta, tables = contract.DeployMeta.load(dist.meta), contract.EmbedTables.load(dist.embed)
     opts = build_options(dist, args.precision)
     calib = dist.calib if opts.quantized else None
     with cr.SimulatedModel(dist.onnx, opts, calib, dist.rknn / args.precision / "sim") as model:
         build_seconds = sum(g.build_seconds for g in model.graphs.values())
         reply(stream, {"ready": True, "build_seconds": round(build_seconds, 3)})
-        decoder = CheckingDecoder(SimulatorStepModel(model), bk.OnnxStepModel(dist.onnx), tables, meta, args.progress)
+        decoder = CheckingDecoder(SimulatorStepModel(model), OnnxStepModel(dist.onnx), tables, meta, args.progress)
         for line in sys.stdin:
             request = json.loads(line)
             reply(stream, decoder.decode(request["sources"], request["directions"]))
@@ -164,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stream = protocol_stream()
     try:
         serve(args, stream)
-    except (cr.ConvertError, bk.BackendError, KeyError, ValueError) as exc:
+    except (cr.ConvertError, contract.ContractError, KeyError, ValueError) as exc:
         reply(stream, {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__})
         return 2
     return 0

@@ -50,10 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from data import (BOS_TOKEN, BYTE_TO_CHAR, CHAR_TO_BYTE, EOS_TOKEN, PAD_TOKEN, VocabMap,  # noqa: E402
-                  tokenizer_fingerprint)
+from data import BOS_TOKEN, BYTE_TO_CHAR, CHAR_TO_BYTE, EOS_TOKEN, PAD_TOKEN, VocabMap, tokenizer_fingerprint
 
 MAGIC = b"RKTOK1\0\0"
 VERSION = 1

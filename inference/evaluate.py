@@ -16,6 +16,7 @@ import sys
 import time
 
 import data
+from deploy import contract
 from inference import backends
 from inference.metrics import score
 from inference.translator import Translator
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         translator = Translator(args.model, args.device, backend=args.backend, split_long=args.split_long)
         result = evaluate(translator, pairs, args.direction, args.num_beams, args.examples)
         result["test"] = str(args.test)  # names the split in a model card (inference.model_card --eval)
-    except (data.CorpusError, data.VocabMismatchError, FileNotFoundError, backends.BackendError) as exc:
+    except (data.CorpusError, data.VocabMismatchError, FileNotFoundError, contract.ContractError,
+            backends.BackendError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
     if args.json:

@@ -2,8 +2,8 @@
 
 A student folder (config.json with model_type rk_student, vocab_map.json) runs the encoder-decoder; any
 other folder is treated as a Qwen causal LM and prompted with its chat template, exactly as in training.
-With backend onnx, onnx-int8 or rknn-sim the folder is a deploy output (DIST, see inference/backends.py) and the
-exported graphs decode greedily, one sentence at a time as on the board.
+With backend onnx, onnx-int8 or rknn-sim the folder is a deploy output (DIST: deploy/contract.py; the backends:
+inference/backends.py) and the exported graphs decode greedily, one sentence at a time as on the board.
 
 A text over the model's source limit is never truncated: it is refused (InputTooLongError), or with split_long=True
 translated sentence by sentence (inference/splitting.py) and the pieces joined again.
@@ -20,6 +20,7 @@ import torch
 
 import data
 from config import DIRECTIONS
+from deploy import contract
 from inference import backends, splitting
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,8 @@ class Translator:
         """A DIST folder: the student's tokenizer and vocabulary map from DIST/tokenizer, graphs per backend."""
         from transformers import AutoTokenizer
 
-        dist = backends.Dist(self.folder)
-        meta = backends.DeployMeta.load(dist.meta)
+        dist = contract.Dist(self.folder)
+        meta = contract.DeployMeta.load(dist.meta)
         self.tokenizer = AutoTokenizer.from_pretrained(dist.tokenizer)
         vocab = data.VocabMap.load(dist.tokenizer)
         vocab.check_tokenizer(self.tokenizer, str(dist.tokenizer))

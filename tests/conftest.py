@@ -215,8 +215,8 @@ def students(tiny_teacher, small_corpus, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def exported(students, small_corpus, tmp_path_factory) -> dict:
-    """{kind: inference.backends.Dist} of each student's `python -m deploy.export_onnx` output."""
-    from inference.backends import Dist
+    """{kind: deploy.contract.Dist} of each student's `python -m deploy.export_onnx` output."""
+    from deploy.contract import Dist
     from test_export_onnx import N_PARITY, export_args, run_module
     dists = {}
     for kind, student in students.items():

@@ -63,6 +63,14 @@ def test_saved_config_round_trips(tmp_path):
     assert cfg_lib.from_json_file(tmp_path / "config.json") == cfg
 
 
+def test_a_saved_config_with_a_section_since_removed_still_loads(tmp_path):
+    """A run saved before config.py lost its deploy section (deploy/ takes its own flags) still loads for export."""
+    cfg = parse(["--preset", "bergamot"])
+    saved = {**cfg.to_dict(), "deploy": {"target": "rv1126b", "precision": "auto", "opset": 17}}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert cfg_lib.from_json_file(tmp_path / "config.json") == cfg
+
+
 def test_every_field_has_help():
     parser = argparse.ArgumentParser()
     cfg_lib.add_arguments(parser)

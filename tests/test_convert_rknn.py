@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from inference import backends
+from deploy import convert_rknn as cr  # numpy only at import time, so the main venv can import it too
+from deploy.contract import DeployMeta, Dist, contract_io
 
 REPO = Path(__file__).resolve().parents[1]
-CONVERTER = REPO / "deploy" / "convert_rknn.py"
 KINDS = ("recurrent", "transformer")
 
 # Regression floor for w8a8 on the tiny random students. Measured (rknn-toolkit2 2.5.0, rv1126b, normal algorithm,
@@ -30,18 +30,13 @@ KINDS = ("recurrent", "transformer")
 W8A8_MIN_COS = 0.9
 
 
-# deploy/convert_rknn.py needs only numpy at import time, so the main venv can import it
-sys.path.insert(0, str(REPO / "deploy"))
-import convert_rknn as cr  # noqa: E402
-
-
-def run_converter(python: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(python), str(CONVERTER), *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=600)
+def run_converter(python: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(python), "-m", "deploy.convert_rknn", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout)
 
 
 @pytest.fixture(scope="session")
-def converted(rknn_python: Path, exported: dict[str, backends.Dist],
+def converted(rknn_python: Path, exported: dict[str, Dist],
               tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, subprocess.CompletedProcess[str]]]:
     """w8a8 + fp16 conversions of both students. The recurrent one forces accuracy_analysis (threshold above 1)."""
     results = {}
@@ -70,7 +65,7 @@ def test_build_options_reject_w4a16_off_rv1126b_and_rk3576() -> None:
         cr.BuildOptions("int4")
 
 
-def test_load_samples_and_dataset_file(exported: dict[str, backends.Dist], tmp_path: Path) -> None:
+def test_load_samples_and_dataset_file(exported: dict[str, Dist], tmp_path: Path) -> None:
     dist = exported["transformer"]
     io = cr.GraphIO.from_onnx(dist.onnx / "decoder.onnx")
     samples = cr.load_samples(dist.calib, "decoder", io)
@@ -84,7 +79,7 @@ def test_load_samples_and_dataset_file(exported: dict[str, backends.Dist], tmp_p
     np.testing.assert_array_equal(np.load(paths[index]), samples[1][index])
 
 
-def test_load_samples_names_the_missing_array(exported: dict[str, backends.Dist]) -> None:
+def test_load_samples_names_the_missing_array(exported: dict[str, Dist]) -> None:
     io = cr.GraphIO.from_onnx(exported["recurrent"].onnx / "decoder.onnx")
     with pytest.raises(cr.ConvertError, match="decoder/state_0"):
         cr.load_samples(exported["transformer"].calib, "decoder", io)
@@ -169,13 +164,13 @@ def read_report(out: Path) -> dict[str, Any]:
     return json.loads((out / "rknn_report.json").read_text())
 
 
-def contract_outputs(dist: backends.Dist) -> dict[str, list[str]]:
-    io = backends.contract_io(backends.DeployMeta.load(dist.meta))
+def contract_outputs(dist: Dist) -> dict[str, list[str]]:
+    io = contract_io(DeployMeta.load(dist.meta))
     return {graph: list(outputs) for graph, (_, outputs) in io.items()}
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_convert_writes_rknn_files_and_report(converted: dict[str, Any], exported: dict[str, backends.Dist],
+def test_convert_writes_rknn_files_and_report(converted: dict[str, Any], exported: dict[str, Dist],
                                               kind: str) -> None:
     out, proc = converted[kind]
     report = read_report(out)
@@ -227,12 +222,12 @@ def test_accuracy_analysis_names_layers(converted: dict[str, Any]) -> None:
             assert [w["single_cos"] for w in worst] == sorted(w["single_cos"] for w in worst)
 
 
-def test_errors_are_one_clear_line(rknn_python: Path, exported: dict[str, backends.Dist], tmp_path: Path) -> None:
+def test_errors_are_one_clear_line(rknn_python: Path, exported: dict[str, Dist], tmp_path: Path) -> None:
     dist = exported["recurrent"]
     args = ["--onnx_dir", str(dist.onnx), "--calib", str(dist.calib), "--out", str(tmp_path)]
     proc = run_converter(rknn_python, *args, "--precision", "w4a16", "--target", "rk3588")
     assert proc.returncode == 2 and "w4a16 needs one of ['rk3576', 'rv1126b']" in proc.stderr
-    proc = subprocess.run([sys.executable, str(CONVERTER), *args], capture_output=True, text=True, timeout=120)
+    proc = run_converter(Path(sys.executable), *args, timeout=120)
     assert proc.returncode == 2 and "run `bash deploy/setup_rknn_env.sh`" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
@@ -240,13 +235,13 @@ def test_errors_are_one_clear_line(rknn_python: Path, exported: dict[str, backen
 SIMULATED_DECODE = """
 import json, sys
 from pathlib import Path
-sys.path.insert(0, sys.argv[1])
-import rknn_sim_eval as sim  # the rknn-sim worker's own module: convert_rknn and inference/backends.py
-cr, bk = sim.cr, sim.bk
+from deploy import contract, rknn_sim_eval as sim  # the rknn-sim worker's own module and the loop it runs
+from deploy.onnx_step_model import OnnxStepModel
+cr = sim.cr
 
-dist, work = bk.Dist(Path(sys.argv[2])), Path(sys.argv[3])
-meta, tables = bk.DeployMeta.load(dist.meta), bk.EmbedTables.load(dist.embed)
-onnx = bk.OnnxStepModel(dist.onnx)
+dist, work = contract.Dist(Path(sys.argv[1])), Path(sys.argv[2])
+meta, tables = contract.DeployMeta.load(dist.meta), contract.EmbedTables.load(dist.embed)
+onnx = OnnxStepModel(dist.onnx)
 cosines = []
 
 
@@ -265,21 +260,20 @@ class Beside:
 
 
 with cr.SimulatedModel(dist.onnx, cr.BuildOptions("fp16"), None, work) as model:
-    bk.greedy(Beside(model), tables, meta, [5, 6, 7, 8, 9], 0)
-source = bk.source_inputs(tables, meta, [5, 6, 7, 8, 9], 0)
+    contract.greedy(Beside(model), tables, meta, [5, 6, 7, 8, 9], 0)
+source = contract.source_inputs(tables, meta, [5, 6, 7, 8, 9], 0)
 one_shot = cr.simulate("fp16", dist.onnx, None, {"encoder": [source]})["encoder"][0]
 cosines.append(cr.cosine(one_shot["cross_v_1"], onnx.run_encoder(source)["cross_v_1"]))
 print(json.dumps({"cosines": cosines}))
 """
 
 
-def test_simulated_model_drives_decoder_steps(rknn_python: Path, exported: dict[str, backends.Dist],
+def test_simulated_model_drives_decoder_steps(rknn_python: Path, exported: dict[str, Dist],
                                               tmp_path: Path) -> None:
     """The rknn-sim backend's step model under the greedy loop (caches shifted step to step) stays with onnxruntime
     on the same inputs, every step; simulate() one-shot too."""
-    proc = subprocess.run([str(rknn_python), "-c", SIMULATED_DECODE, str(CONVERTER.parent),
-                           str(exported["transformer"].root), str(tmp_path)], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([str(rknn_python), "-c", SIMULATED_DECODE, str(exported["transformer"].root),
+                           str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cosines = json.loads(proc.stdout.strip().splitlines()[-1])["cosines"]
     assert len(cosines) >= 2 and min(cosines) > 0.99

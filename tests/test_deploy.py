@@ -18,9 +18,9 @@ import pytest
 
 import data
 from deploy import __main__ as pipeline
-from deploy import export_onnx, package
+from deploy import contract, export_onnx, package
+from deploy.contract import Dist
 from inference import backends
-from inference.backends import Dist
 from test_export_onnx import export_args, make_student, run_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,9 +220,9 @@ def test_rknn_sim_decodes_a_recurrent_student(rknn_python: Path, tiny_teacher: P
     dist = Dist(tmp_path / "dist")
     done = run_module("deploy.export_onnx", *export_args(student, dist.onnx, small_corpus))
     assert done.returncode == 0, done.stderr[-3000:]
-    convert = subprocess.run([str(rknn_python), str(REPO / "deploy" / "convert_rknn.py"), "--onnx_dir",
-                              str(dist.onnx), "--calib", str(dist.calib), "--precision", "fp16", "--out",
-                              str(dist.rknn)], capture_output=True, text=True, timeout=600)
+    convert = subprocess.run([str(rknn_python), "-m", "deploy.convert_rknn", "--onnx_dir", str(dist.onnx),
+                              "--calib", str(dist.calib), "--precision", "fp16", "--out", str(dist.rknn)],
+                             capture_output=True, text=True, cwd=REPO, timeout=600)
     assert convert.returncode == 0, convert.stderr[-3000:]
     sources = [[5, 6, 7, 8], [20, 30], [9, 10, 11, 12, 13, 14]]
     directions = [0, 1, 0]
@@ -237,9 +237,9 @@ def test_rknn_sim_decodes_a_recurrent_student(rknn_python: Path, tiny_teacher: P
     assert simulated.proc.returncode == 0 and simulated.take_checks() == []
     # fp16 rounding may flip a near-tie late in a random student's output; the first tokens must agree.
     assert [h[:2] for h in first] == [h[:2] for h in expected]
-    meta = backends.DeployMeta.load(dist.meta)
-    assert [backends.without_eos(c["fp32"], meta) for c in checks[:3]] == expected  # fp32 = onnxruntime's greedy
-    fidelity = backends.fidelity(checks)
+    meta = contract.DeployMeta.load(dist.meta)
+    assert [contract.without_eos(c["fp32"], meta) for c in checks[:3]] == expected  # fp32 = onnxruntime's greedy
+    fidelity = contract.fidelity(checks)
     assert fidelity["sentences"] == 4 and fidelity["steps"] == sum(len(c["fp32"]) for c in checks)
     assert set(fidelity["graphs"]["decoder"]["outputs"]) == {"logits", "new_state_0", "new_state_1"}
     assert fidelity["graphs"]["encoder"]["cosine"] > 0.99 and fidelity["agreement"] > 0.8

@@ -1,11 +1,11 @@
-"""deploy/export_onnx.py and inference/backends.py: static graphs that follow docs/CONTRACTS.md and match torch.
+"""deploy/export_onnx.py, inference/backends.py, deploy/host_cost.py: static graphs that follow docs/CONTRACTS.md
+and match torch.
 
 Tiny students of both decoder kinds are built in tmp from the tiny teacher's tokenizer (conftest) and exported with
 the real command line; onnxruntime must reproduce model.generate exactly.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -13,7 +13,6 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import onnx
@@ -22,7 +21,9 @@ import torch
 from transformers import AutoTokenizer
 
 import data
+from deploy import convert_rknn as cr
 from deploy import export_onnx
+from deploy.contract import DeployMeta, Dist, EmbedTables
 from inference import backends
 from model import StudentConfig, StudentForTranslation
 
@@ -69,16 +70,6 @@ def export_args(student: Path, out: Path, corpus: Path) -> list[str]:
             "--n_eval", str(N_EVAL)]
 
 
-def load_converter() -> ModuleType:
-    """deploy/convert_rknn.py as its own module, the way the RKNN venv runs it (numpy-only at import)."""
-    spec = importlib.util.spec_from_file_location("convert_rknn_for_export_test", REPO / "deploy" / "convert_rknn.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def io_shapes(path: Path) -> dict[str, list[int]]:
     graph = onnx.load(str(path)).graph
     return {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*graph.input, *graph.output]}
@@ -88,7 +79,7 @@ def io_shapes(path: Path) -> dict[str, list[int]]:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_graphs_follow_the_contract(exported: dict[str, backends.Dist], kind: str) -> None:
+def test_graphs_follow_the_contract(exported: dict[str, Dist], kind: str) -> None:
     D, H, hd = 32, 2, 16
     cross = {"cross_k_0": [1, H, SRC_LEN, hd], "cross_v_0": [1, H, SRC_LEN, hd],
              "cross_k_1": [1, H, SRC_LEN, hd], "cross_v_1": [1, H, SRC_LEN, hd]}
@@ -135,7 +126,7 @@ def test_forbidden_op_fails_the_export_clearly(tmp_path: Path) -> None:
         export_onnx.check_graph(tmp_path / "bad.onnx", {"x": [1, 4]}, {"y": [1, 4]})
 
 
-def test_wrong_io_fails_the_export_clearly(exported: dict[str, backends.Dist]) -> None:
+def test_wrong_io_fails_the_export_clearly(exported: dict[str, Dist]) -> None:
     path = exported["recurrent"].onnx / "encoder.onnx"
     with pytest.raises(export_onnx.ExportError, match="docs/CONTRACTS.md expects"):
         export_onnx.check_graph(path, {"src_embeds": [1, 8, 32]}, {"cross_k_0": [1, 2, 8, 16]})
@@ -145,7 +136,7 @@ def test_wrong_io_fails_the_export_clearly(exported: dict[str, backends.Dist]) -
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_onnxruntime_matches_torch(exported: dict[str, backends.Dist], kind: str) -> None:
+def test_onnxruntime_matches_torch(exported: dict[str, Dist], kind: str) -> None:
     parity = json.loads(exported[kind].parity.read_text())
     fp32, int8 = parity["onnx"], parity["onnx-int8"]
     assert parity["sentences"] == N_PARITY
@@ -157,7 +148,7 @@ def test_onnxruntime_matches_torch(exported: dict[str, backends.Dist], kind: str
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_backend_greedy_equals_generate_on_fresh_sentences(exported: dict[str, backends.Dist],
+def test_backend_greedy_equals_generate_on_fresh_sentences(exported: dict[str, Dist],
                                                            students: dict[str, Path], small_corpus: Path,
                                                            kind: str) -> None:
     """The backend loop on the int8 and fp32 folders, driven from outside the exporter."""
@@ -175,7 +166,7 @@ def test_backend_greedy_equals_generate_on_fresh_sentences(exported: dict[str, b
 # --------------------------------------------------------------------------- embed.bin and meta.json
 
 
-def test_embed_bin_layout(exported: dict[str, backends.Dist], students: dict[str, Path]) -> None:
+def test_embed_bin_layout(exported: dict[str, Dist], students: dict[str, Path]) -> None:
     blob = exported["transformer"].embed.read_bytes()
     magic, vocab, width, n_dir, n_pos = struct.unpack_from("<8s4I", blob)
     assert (magic, vocab, width, n_dir, n_pos) == (b"RKEMB1\0\0", VOCAB, 32, 2, max(SRC_LEN, TGT_LEN) + 1)
@@ -190,13 +181,13 @@ def test_embed_bin_layout(exported: dict[str, backends.Dist], students: dict[str
         # The CPU-side sum is the model's input_embeds, bit for bit.
         ids = torch.tensor([[5, 17, 3]])
         expected = student.input_embeds(ids, torch.tensor([1]), start=4).numpy()
-    tables = backends.EmbedTables.load(exported["transformer"].embed)
+    tables = EmbedTables.load(exported["transformer"].embed)
     np.testing.assert_array_equal(tables.rows([5, 17, 3], 1, 4), expected)
 
 
-def test_meta_json(exported: dict[str, backends.Dist], students: dict[str, Path]) -> None:
+def test_meta_json(exported: dict[str, Dist], students: dict[str, Path]) -> None:
     for kind, dist in exported.items():
-        meta = backends.DeployMeta.load(dist.meta)
+        meta = DeployMeta.load(dist.meta)
         config = json.loads((students[kind] / "config.json").read_text())
         assert (meta.decoder, meta.S, meta.Tc, meta.D, meta.L, meta.H, meta.V) == (
             kind, SRC_LEN, TGT_LEN, 32, 2, 2, VOCAB)
@@ -205,7 +196,7 @@ def test_meta_json(exported: dict[str, backends.Dist], students: dict[str, Path]
         assert meta.directions == ["zh-en", "en-zh"] and meta.parameters > 10_000
 
 
-def test_tokenizer_and_vocab_map_are_copied(exported: dict[str, backends.Dist], students: dict[str, Path]) -> None:
+def test_tokenizer_and_vocab_map_are_copied(exported: dict[str, Dist], students: dict[str, Path]) -> None:
     dist = exported["recurrent"]
     assert json.loads((dist.tokenizer / "vocab_map.json").read_text()) == json.loads(
         (students["recurrent"] / "vocab_map.json").read_text())
@@ -217,8 +208,7 @@ def test_tokenizer_and_vocab_map_are_copied(exported: dict[str, backends.Dist], 
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_calib_and_eval_npz_load_in_the_converter(exported: dict[str, backends.Dist], kind: str) -> None:
-    cr = load_converter()
+def test_calib_and_eval_npz_load_in_the_converter(exported: dict[str, Dist], kind: str) -> None:
     dist = exported[kind]
     for path, sentences in ((dist.calib, N_CALIB), (dist.eval, N_EVAL)):
         enc = cr.load_samples(path, "encoder", cr.GraphIO.from_onnx(dist.onnx / "encoder.onnx"))
@@ -234,7 +224,7 @@ def test_calib_and_eval_npz_load_in_the_converter(exported: dict[str, backends.D
             assert (real >= 1).all() and (real <= SRC_LEN).all()
 
 
-def test_transformer_calib_rows_carry_real_caches(exported: dict[str, backends.Dist]) -> None:
+def test_transformer_calib_rows_carry_real_caches(exported: dict[str, Dist]) -> None:
     """Rows come from the greedy loop: the self mask covers the last t+1 positions (the cache's last t and the step's
     own), and exactly the cache's last t positions are filled (the runner's shifting cache), the first row of each
     sentence being step 0."""
@@ -248,7 +238,7 @@ def test_transformer_calib_rows_carry_real_caches(exported: dict[str, backends.D
         assert list(filled) == [False] * (TGT_LEN - 1 - t) + [True] * t
 
 
-def test_recurrent_calib_rows_carry_real_states(exported: dict[str, backends.Dist]) -> None:
+def test_recurrent_calib_rows_carry_real_states(exported: dict[str, Dist]) -> None:
     with np.load(exported["recurrent"].calib) as npz:
         states = np.concatenate([npz["decoder/state_0"], npz["decoder/state_1"]], axis=1)
     norms = np.linalg.norm(states.reshape(len(states), -1), axis=1)
@@ -258,19 +248,18 @@ def test_recurrent_calib_rows_carry_real_states(exported: dict[str, backends.Dis
 # --------------------------------------------------------------------------- the command lines around it
 
 
-def test_backends_script_reports_time_and_memory(exported: dict[str, backends.Dist], tmp_path: Path) -> None:
+def test_host_cost_reports_time_and_memory(exported: dict[str, Dist], tmp_path: Path) -> None:
     requests = tmp_path / "requests.json"
     requests.write_text(json.dumps({"sources": [[5, 6, 7], [8, 9]], "directions": [0, 1]}))
-    done = subprocess.run([sys.executable, str(REPO / "inference" / "backends.py"), "--dist",
-                           str(exported["recurrent"].root), "--backend", "onnx-int8", "--requests", str(requests)],
-                          capture_output=True, text=True, timeout=120)
+    done = run_module("deploy.host_cost", "--dist", str(exported["recurrent"].root), "--backend", "onnx-int8",
+                      "--requests", str(requests), timeout=120)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["n"] == 2 and result["threads"] == 1 and len(result["hypotheses"]) == 2
     assert 10 < result["peak_rss_mb"] < 400 and result["ms_per_sentence"] > 0  # numpy + onnxruntime only
 
 
-def test_evaluate_runs_on_a_deploy_folder(exported: dict[str, backends.Dist], small_corpus: Path) -> None:
+def test_evaluate_runs_on_a_deploy_folder(exported: dict[str, Dist], small_corpus: Path) -> None:
     done = run_module("inference.evaluate", "--model", str(exported["transformer"].root), "--backend", "onnx",
                       "--test", str(small_corpus / "test.jsonl"), "--limit", "4", "--direction", "en-zh", "--json")
     assert done.returncode == 0, done.stderr[-2000:]

@@ -18,7 +18,7 @@ import pytest
 
 import data
 from deploy import package
-from inference.backends import Dist
+from deploy.contract import Dist
 from test_export_onnx import TGT_LEN, export_args, make_student, run_module
 
 REPO = Path(__file__).resolve().parents[1]

@@ -41,9 +41,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import data  # noqa: E402
-from deploy import replay  # noqa: E402
+from deploy import contract, replay  # noqa: E402
 from deploy import tokenizer_bin as tb  # noqa: E402
-from inference import backends  # noqa: E402
+from deploy.onnx_step_model import OnnxStepModel  # noqa: E402
 
 RUNTIME = REPO / "deploy" / "runtime"
 CATALOGS = Path("/usr/share/locale/zh_CN/LC_MESSAGES")
@@ -376,25 +376,25 @@ def special_ids(tok: Tok) -> tuple[int, int, int]:
     return tuple(student[tok.hf.convert_tokens_to_ids(t)] for t in (data.PAD_TOKEN, data.BOS_TOKEN, data.EOS_TOKEN))
 
 
-def random_meta(tok: Tok, decoder: str) -> backends.DeployMeta:
+def random_meta(tok: Tok, decoder: str) -> contract.DeployMeta:
     """Small shapes for random recordings: S 24, D 8, L 2, H 2, Tc 10 (recurrent: the --max_tokens given)."""
     S, Tc = 24, 10
-    return backends.DeployMeta(decoder, S, Tc, 8, 2, 2, tok.vocab.size, *special_ids(tok), DIRECTIONS,
+    return contract.DeployMeta(decoder, S, Tc, 8, 2, 2, tok.vocab.size, *special_ids(tok), DIRECTIONS,
                                max(S, Tc) + 1, 0)
 
 
-def record_greedy(step_model: backends.StepModel, types: dict | None, tables: backends.EmbedTables,
-                  meta: backends.DeployMeta, source: list[int], direction: int) -> tuple[list[int], backends.Sentence]:
+def record_greedy(step_model: contract.StepModel, types: dict | None, tables: contract.EmbedTables,
+                  meta: contract.DeployMeta, source: list[int], direction: int) -> tuple[list[int], contract.Sentence]:
     """The Python greedy loop with every graph call recorded; with types, each input and output rounded to the board
     model's type around the recording, as the runner's buffers hold them."""
-    recorder = backends.Recorder(step_model)
+    recorder = contract.Recorder(step_model)
     model = replay.QuantizedIO(recorder, types) if types else recorder
-    return backends.greedy(model, tables, meta, source, direction), recorder.sentences[-1]
+    return contract.greedy(model, tables, meta, source, direction), recorder.sentences[-1]
 
 
 @dataclass
 class Scenario:
-    meta: backends.DeployMeta
+    meta: contract.DeployMeta
     text: str
     direction: str
     recording: Path
@@ -404,7 +404,7 @@ class Scenario:
     steps: int  # decoder calls
 
 
-def make_scenario(tok: Tok, meta: backends.DeployMeta, folder: Path, seed: int, eos_at: int | None,
+def make_scenario(tok: Tok, meta: contract.DeployMeta, folder: Path, seed: int, eos_at: int | None,
                   direction: str = "zh-en") -> Scenario:
     """A random embed.bin and a recording of the Python greedy loop over random outputs (replay.RandomStepModel)."""
     rng = np.random.default_rng(seed)
@@ -413,7 +413,7 @@ def make_scenario(tok: Tok, meta: backends.DeployMeta, folder: Path, seed: int, 
     text = texts[seed % len(texts)]
     source = tok.student_ids(tok.teacher_ids([text.strip()])[0])
     assert 0 < len(source) < meta.S, "the scenario needs padding"
-    tables = backends.EmbedTables(*(rng.standard_normal((rows, meta.D), dtype=np.float32)
+    tables = contract.EmbedTables(*(rng.standard_normal((rows, meta.D), dtype=np.float32)
                                     for rows in (meta.V, len(meta.directions), meta.max_positions)))
     (folder / "embed.bin").write_bytes(tables.to_bytes())
     want, sentence = record_greedy(replay.RandomStepModel(meta, seed, eos_at), None, tables, meta, source,
@@ -672,10 +672,10 @@ IO_VARIANTS = {"fp32_nchw": (0, "fp32"), "fp16_nhwc": (replay.NHWC, "fp16"),
 @dataclass
 class BoardModel:
     """An exported student as the runner test needs it: its graphs in onnxruntime and the sentences to decode."""
-    meta: backends.DeployMeta
-    tables: backends.EmbedTables
+    meta: contract.DeployMeta
+    tables: contract.EmbedTables
     embed: Path
-    onnx: backends.OnnxStepModel
+    onnx: OnnxStepModel
     tokenizer_bin: Path
     hf: object
     vocab: data.VocabMap
@@ -686,10 +686,10 @@ class BoardModel:
         return self.hf.decode([self.vocab.teacher_ids[i] for i in ids], skip_special_tokens=True)
 
 
-def observed_ranges(model: backends.StepModel, tables, meta, requests) -> dict[tuple[str, str], tuple[float, float]]:
-    recorder = backends.Recorder(model)
+def observed_ranges(model: contract.StepModel, tables, meta, requests) -> dict[tuple[str, str], tuple[float, float]]:
+    recorder = contract.Recorder(model)
     for _, direction, source in requests:
-        backends.greedy(recorder, tables, meta, source, direction)
+        contract.greedy(recorder, tables, meta, source, direction)
     ranges: dict[tuple[str, str], tuple[float, float]] = {}
     for sentence in recorder.sentences:
         for graph, calls in (("encoder", [sentence.encoder]), ("decoder", sentence.decoder)):
@@ -704,7 +704,7 @@ def io_types(model: BoardModel, variant: str) -> dict[str, dict[str, replay.Tens
     kind = IO_VARIANTS[variant][1]
     if kind == "fp32":
         return {}
-    io = backends.contract_io(model.meta)
+    io = contract.contract_io(model.meta)
     types: dict[str, dict[str, replay.TensorType]] = {}
     for graph, (inputs, outputs) in io.items():
         types[graph] = {}
@@ -725,13 +725,13 @@ def io_types(model: BoardModel, variant: str) -> dict[str, dict[str, replay.Tens
 
 
 @pytest.fixture(scope="session")
-def board_models(exported: dict[str, backends.Dist], small_corpus: Path,
+def board_models(exported: dict[str, contract.Dist], small_corpus: Path,
                  tmp_path_factory: pytest.TempPathFactory) -> dict[str, BoardModel]:
     from transformers import AutoTokenizer
 
     models = {}
     for kind, dist in exported.items():
-        meta, tables = backends.DeployMeta.load(dist.meta), backends.EmbedTables.load(dist.embed)
+        meta, tables = contract.DeployMeta.load(dist.meta), contract.EmbedTables.load(dist.embed)
         hf, vocab = AutoTokenizer.from_pretrained(dist.tokenizer), data.VocabMap.load(dist.tokenizer)
         builder = data.ExampleBuilder(hf, vocab, meta.S, meta.Tc)
         tokenizer_bin = tmp_path_factory.mktemp(f"board_{kind}") / "tokenizer.bin"
@@ -740,7 +740,7 @@ def board_models(exported: dict[str, backends.Dist], small_corpus: Path,
         for i, pair in enumerate(data.read_pairs(small_corpus / "test.jsonl")[:N_SENTENCES]):
             text = pair.side(DIRECTIONS[i % 2].split("-")[0]).strip()
             requests.append((text, i % 2, builder.student_ids(text)))
-        onnx = backends.OnnxStepModel(dist.onnx)
+        onnx = OnnxStepModel(dist.onnx)
         models[kind] = BoardModel(meta, tables, dist.embed, onnx, tokenizer_bin, hf, vocab, requests,
                                   observed_ranges(onnx, tables, meta, requests))
     return models
