@@ -34,8 +34,10 @@ import torch
 import torch.distributed as dist
 
 import config as config_lib
+import corpus
 import data
 import seq_kd
+import vocabulary
 from kd_loss import LossParts, fused_distill_loss
 from progress import Progress, quiet_unless_terminal
 
@@ -116,7 +118,7 @@ def check_paths(args: argparse.Namespace, cfg: config_lib.Config) -> None:
                                          "give RUN/checkpoints of a train_ds.py run")
         return
     check_teacher_folder("--teacher", cfg.train.teacher, cfg.train.trust_remote_code)
-    data.check_source("--data", cfg.data.path, ("valid",) if cfg.data.stream_window else ("train", "valid"))
+    corpus.check_source("--data", cfg.data.path, ("valid",) if cfg.data.stream_window else ("train", "valid"))
     for flag, path in (("--ds_config", cfg.train.ds_config), ("--train.teacher_ds_config", cfg.train.teacher_ds_config)):
         if path != "auto" and not Path(path).is_file():
             raise config_lib.ConfigError(f"{flag} {path}: no such file; expected a DeepSpeed JSON config such as "
@@ -332,7 +334,7 @@ def split_teacher_head(model, kept_ids: list[int], path: str):
     with deepspeed.zero.GatheredParameters([head.weight], modifier_rank=None):
         rows = head.weight.shape[0]
         if max(kept_ids) >= rows:
-            raise data.VocabMismatchError(
+            raise vocabulary.VocabMismatchError(
                 f"{path}: output layer has {rows} rows but the vocabulary map needs id {max(kept_ids)}; "
                 "the student vocabulary was built from a different tokenizer")
         kept = head.weight.data[torch.tensor(kept_ids)].clone()
@@ -420,7 +422,8 @@ def teacher_logits(teacher, batch: dict, target_len: int) -> torch.Tensor:
 
 
 def teacher_hidden(teacher_body, batch: dict, target_len: int) -> torch.Tensor:
-    """The frozen teacher's final hidden states [B, T, H] at the T target positions (see data.collate)."""
+    """The frozen teacher's final hidden states [B, T, H] at the T target positions (see
+    data.ExampleBuilder.collate)."""
     out = teacher_body(input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"],
                        position_ids=batch["teacher_position_ids"], use_cache=False)
     return out.last_hidden_state[:, -target_len:]
@@ -687,7 +690,7 @@ def save_folder(stage: str, state_dict: dict, cfg: config_lib.Config, run: Path,
     model_config.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(run / "tokenizer").save_pretrained(tmp)
     if stage == "distill":
-        shutil.copy(run / data.VocabMap.FILE, tmp / data.VocabMap.FILE)
+        shutil.copy(run / vocabulary.VocabMap.FILE, tmp / vocabulary.VocabMap.FILE)
     elif (run / "teacher_config" / "generation_config.json").is_file():
         shutil.copy(run / "teacher_config" / "generation_config.json", tmp / "generation_config.json")
     cfg.save(tmp / "training_config.json")
@@ -776,7 +779,7 @@ class RunData:
     """The tokenizer, trimmed vocabulary and aligned examples of a run, and the schedule they give."""
     tokenizer: object
     teacher_config: object
-    vocab: data.VocabMap
+    vocab: vocabulary.VocabMap
     builder: data.ExampleBuilder
     train_examples: list
     valid_examples: list
@@ -794,7 +797,7 @@ def prepare_data(stage: str, cfg: config_lib.Config, run: Path, world: int) -> R
     tokenizer = AutoTokenizer.from_pretrained(cfg.train.teacher, trust_remote_code=cfg.train.trust_remote_code)
     teacher_config = AutoConfig.from_pretrained(cfg.train.teacher, trust_remote_code=cfg.train.trust_remote_code)
     if len(tokenizer) > teacher_config.vocab_size:  # padded is normal (Qwen: 151,643 ids, 151,936 rows); short is not
-        raise data.VocabMismatchError(
+        raise vocabulary.VocabMismatchError(
             f"{cfg.train.teacher}: the tokenizer has {len(tokenizer)} ids but the model has only "
             f"{teacher_config.vocab_size} output rows; the tokenizer files belong to another model: use the ones "
             "saved with this checkpoint")
@@ -804,22 +807,22 @@ def prepare_data(stage: str, cfg: config_lib.Config, run: Path, world: int) -> R
                                      "known in advance) and --seq_kd false (seq_kd translates every scheduled "
                                      "example before step 1, which a stream exists to avoid)")
     try:  # every problem in the splits is listed before step 1, not the first one at hour 30
-        splits = data.load_splits(cfg.data.path, ("valid",) if streaming else ("train", "valid"),
-                                  cfg.data.on_bad_line, cfg.data.max_chars)
-        train_pairs = (data.arrow_sample(cfg.data.path, STREAM_VOCAB_ROWS, cfg.data.max_chars) if streaming
+        splits = corpus.load_splits(cfg.data.path, ("valid",) if streaming else ("train", "valid"),
+                                    cfg.data.on_bad_line, cfg.data.max_chars)
+        train_pairs = (corpus.arrow_sample(cfg.data.path, STREAM_VOCAB_ROWS, cfg.data.max_chars) if streaming
                        else splits["train"].pairs)
-    except data.CorpusError as exc:
+    except corpus.CorpusError as exc:
         raise SystemExit(f"train_ds.py: {exc}") from None
     valid_pairs = splits["valid"].pairs[:cfg.data.valid_subset]
     if stage == "distill":
-        if (run / data.VocabMap.FILE).is_file():
-            vocab = data.VocabMap.load(run)
+        if (run / vocabulary.VocabMap.FILE).is_file():
+            vocab = vocabulary.VocabMap.load(run)
             vocab.check_tokenizer(tokenizer, f"teacher {cfg.train.teacher}")
         else:
             texts = [p.zh for p in train_pairs] + [p.en for p in train_pairs]
-            vocab = data.build_vocab_map(tokenizer, texts, cfg.data.vocab_size, teacher_config.vocab_size)
+            vocab = vocabulary.build_vocab_map(tokenizer, texts, cfg.data.vocab_size, teacher_config.vocab_size)
     else:
-        vocab = data.VocabMap.full(tokenizer, teacher_config.vocab_size)
+        vocab = vocabulary.VocabMap.full(tokenizer, teacher_config.vocab_size)
     builder = data.ExampleBuilder(tokenizer, vocab, cfg.model.max_source_len, cfg.model.max_target_len)
     if streaming:
         stream = data.ExampleStream(cfg.data.path, builder, cfg.data.directions, cfg.data.stream_window,
@@ -1295,5 +1298,5 @@ def max_memory_gb(accelerator, on_gpu: bool) -> float:
 if __name__ == "__main__":
     try:
         main()
-    except (config_lib.ConfigError, data.CorpusError, data.VocabMismatchError) as exc:
+    except (config_lib.ConfigError, corpus.CorpusError, vocabulary.VocabMismatchError) as exc:
         sys.exit(f"train_ds.py: {exc}")  # a start-up problem the message explains: no traceback
