@@ -428,12 +428,12 @@ def check_run_paths(args: argparse.Namespace, cfg: Config) -> None:
     """Every path a run reads, checked before any process group, model or corpus loads (the mistakes newcomers make
     first), each failing with one line that names the flag, the value and what was expected."""
     import checkpoint
-    import data
+    import corpus
     import teacher
     if args.stage == "export":
         return checkpoint.check_export_source(args.ckpt)
     teacher.check_teacher_folder("--teacher", cfg.train.teacher, cfg.train.trust_remote_code)
-    data.check_source("--data", cfg.data.path, ("valid",) if cfg.data.stream_window else ("train", "valid"))
+    corpus.check_source("--data", cfg.data.path, ("valid",) if cfg.data.stream_window else ("train", "valid"))
     for flag, path in (("--ds_config", cfg.train.ds_config),
                        ("--train.teacher_ds_config", cfg.train.teacher_ds_config)):
         if path != "auto" and not Path(path).is_file():

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from config import DistillConfig
+from data import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
 CHUNK_BUDGET_BYTES = 256 * 2 ** 20  # float32 working set of one chunk's logits (both models, grads included)
 LOGIT_COPIES = 8                    # [C, K] float32 tensors alive at once inside a chunk (measured peak)
@@ -134,7 +134,8 @@ class _FusedDistill(torch.autograd.Function):
 def _target_rows(labels: torch.Tensor, *tensors: torch.Tensor,
                  positions: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """The target positions' labels and rows. positions (flat indices of the targets, made on the host by
-    data.collate) select them without a host sync; a boolean mask would wait for the GPU to count them."""
+    data.ExampleBuilder.collate) select them without a host sync; a boolean mask would wait for the GPU to count
+    them."""
     if positions is None:
         positions = (labels.reshape(-1) != IGNORE_INDEX).nonzero()[:, 0]
     return (labels.reshape(-1).index_select(0, positions),

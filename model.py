@@ -23,6 +23,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from data import IGNORE_INDEX
+
 MASK_BIAS = -1e4  # finite: rknn-toolkit2 clamps -inf and very large negatives
 
 
@@ -312,7 +314,7 @@ class StudentForTranslation(PreTrainedModel):
         logits = self.output_logits(hidden) if return_logits or labels is not None else None
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
         return StudentOutput(loss=loss, logits=logits if return_logits else None, hidden=hidden)
 
     # ------------------------------------------------------------------ generation

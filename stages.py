@@ -26,6 +26,7 @@ import seq_kd
 import teacher as teacher_lib
 from kd_loss import LossParts, fused_distill_loss
 from step_log import StepFlops, StepTimer
+from vocabulary import VocabMap
 
 log = logging.getLogger("train_ds")
 
@@ -300,7 +301,7 @@ class DistillStage(Stage):
 
     def copy_run_files(self, run, folder) -> None:
         from inference.model_card import write_model_card
-        shutil.copy(run / data.VocabMap.FILE, folder / data.VocabMap.FILE)
+        shutil.copy(run / VocabMap.FILE, folder / VocabMap.FILE)
         write_model_card(folder)  # a model card, so the folder can be pushed to a model hub as it is
 
 

@@ -15,7 +15,7 @@ import torch
 
 import config as config_lib
 import engine as engine_lib
-import data
+from vocabulary import VocabMismatchError
 
 TEACHER_EXPECTED = ("a local Hugging Face causal-LM folder such as models/Qwen1.5-1.8B (config.json, tokenizer files, "
                     "*.safetensors weights); nothing is downloaded")
@@ -73,7 +73,7 @@ def split_teacher_head(model, kept_ids: list[int], path: str):
     with deepspeed.zero.GatheredParameters([head.weight], modifier_rank=None):
         rows = head.weight.shape[0]
         if max(kept_ids) >= rows:
-            raise data.VocabMismatchError(
+            raise VocabMismatchError(
                 f"{path}: output layer has {rows} rows but the vocabulary map needs id {max(kept_ids)}; "
                 "the student vocabulary was built from a different tokenizer")
         kept = head.weight.data[torch.tensor(kept_ids)].clone()
@@ -130,7 +130,7 @@ def teacher_zero3_config(ds: dict, placement: str, hidden: int) -> dict:
     return ds
 
 
-def load_frozen_teacher(cfg: config_lib.Config, prepared: "data.RunData", placement: str, dtype: torch.dtype,
+def load_frozen_teacher(cfg: config_lib.Config, prepared, placement: str, dtype: torch.dtype,
                         device: torch.device, world: int, use_bf16: bool):
     """(teacher body, its output rows for the kept ids [K, H] on device, hf_ds to keep alive or None).
 

@@ -27,11 +27,13 @@ import torch.distributed as dist
 
 import checkpoint
 import config as config_lib
+import corpus
 import data
 import engine
 import faults
 import seq_kd
 import stages
+import vocabulary
 from progress import Progress, quiet_unless_terminal
 from step_log import MicroBatch, StepLog, StepRecord, StepTimer, batch_counts, skip_reason
 
@@ -224,6 +226,6 @@ def train(stage: stages.Stage, cfg: config_lib.Config, procs: engine.Processes, 
 if __name__ == "__main__":
     try:
         main()
-    except (config_lib.ConfigError, data.CorpusError, data.VocabMismatchError) as exc:
+    except (config_lib.ConfigError, corpus.CorpusError, vocabulary.VocabMismatchError) as exc:
         # a start-up problem the message explains: no traceback, one line from the first rank
         sys.exit(f"train_ds.py: {exc}" if engine.is_main() else 1)

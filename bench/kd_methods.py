@@ -15,7 +15,7 @@ Methods: ce_only (alpha 0: the reference alone, no teacher term), the six token-
 (the same with the teacher's 4-beam translations) and on_policy
 (forward KL on the student's own samples on half of the steps). Everything else is the default `tiny` recipe.
 
-Once, under bench/.cache/kd/CORPUS: the corpus (data.build_catalog_corpus, data.write_label_subset), for --corpus
+Once, under bench/.cache/kd/CORPUS: the corpus (corpus.build_catalog_corpus, corpus.write_label_subset), for --corpus
 full a tiny Qwen2-shaped teacher (scripts/make_tiny_teacher.py) fine-tuned with `train_ds.py --stage sft`, and the
 seq_kd cache of teacher translations (shared by every seed). Each (method, seed) run is cached too: its scores are
 kept in bench/.cache/kd/CORPUS/runs/METHOD-sSEED/scores.json and reused unless --force, so an interrupted bench
@@ -130,13 +130,13 @@ def deepspeed(args: list[str], log: Path, tries: int = 2) -> float:
 def prepare(bench: Bench, teacher: Path | None) -> Path:
     """The corpus, built once under bench/.cache, and the teacher: the one given, the stored one for labels (checked
     against this corpus's held-out catalogs), or for the whole corpus a tiny one fine-tuned here once."""
-    import data
+    import corpus
     import make_tiny_teacher
     import stored_teacher
     if not (CATALOGS / "train.jsonl").is_file():
-        data.build_catalog_corpus("/usr/share/locale", CATALOGS)
+        corpus.build_catalog_corpus("/usr/share/locale", CATALOGS)
     if bench.corpus == "labels" and not (bench.data / "train.jsonl").is_file():
-        data.write_label_subset(CATALOGS, bench.data, 3)
+        corpus.write_label_subset(CATALOGS, bench.data, 3)
     if teacher:
         return teacher
     sft = bench.cache / "teacher-sft"
@@ -148,7 +148,7 @@ def prepare(bench: Bench, teacher: Path | None) -> Path:
         return sft / "final"
     base = bench.cache / "teacher-base"
     if not (base / "config.json").is_file():
-        make_tiny_teacher.build_teacher(data.read_pairs(CATALOGS / "train.jsonl"), base, "tiny", force=True)
+        make_tiny_teacher.build_teacher(corpus.read_pairs(CATALOGS / "train.jsonl"), base, "tiny", force=True)
     if not (sft / "final" / "config.json").is_file():
         print("fine-tuning the teacher once (800 steps, several minutes)", file=sys.stderr)
         deepspeed(["--stage", "sft", "--teacher", str(base), "--data", str(CATALOGS), "--out", str(sft),
@@ -158,10 +158,10 @@ def prepare(bench: Bench, teacher: Path | None) -> Path:
 
 def score(bench: Bench, model: Path, limit: int) -> dict:
     """BLEU/chrF per direction on the test split (inference.evaluate's own scoring, --limit pairs)."""
-    import data
+    import corpus
     from inference.evaluate import evaluate
     from inference.translator import Translator
-    pairs = data.read_pairs(bench.data / "test.jsonl", on_bad_line="skip")[:limit]
+    pairs = corpus.read_pairs(bench.data / "test.jsonl", on_bad_line="skip")[:limit]
     translator = Translator(model)
     out = {}
     for direction in DIRECTIONS:
@@ -178,13 +178,15 @@ def reference_ce(bench: Bench, model: Path, limit: int) -> dict:
     import torch.nn.functional as F
     from transformers import AutoTokenizer
 
+    import corpus
     import data
+    import vocabulary
     from model import StudentForTranslation
     student = StudentForTranslation.from_pretrained(model).eval()
     tokenizer = AutoTokenizer.from_pretrained(model)
-    vocab = data.VocabMap.load(model)
+    vocab = vocabulary.VocabMap.load(model)
     builder = data.ExampleBuilder(tokenizer, vocab, student.config.max_source_len, student.config.max_target_len)
-    pairs = data.read_pairs(bench.data / "test.jsonl", on_bad_line="skip")[:limit]
+    pairs = corpus.read_pairs(bench.data / "test.jsonl", on_bad_line="skip")[:limit]
     out = {}
     for direction in DIRECTIONS:
         examples, _ = builder.examples(pairs, [direction])  # pairs over the length limits are left out

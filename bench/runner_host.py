@@ -51,19 +51,21 @@ def build_runner(folder: Path) -> Path:
 def tokenizer_of_size(vocab_size: int, folder: Path):
     """Qwen's tokenizer and a vocabulary map keeping its byte and special tokens plus its lowest other ids, vocab_size
     in all; tokenizer.bin written from them."""
-    import data
+    import vocabulary
     from deploy.tokenizer_bin import write_tokenizer_bin
     from qwen_real_tokenizer import load_real_qwen_tokenizer
 
     tokenizer = load_real_qwen_tokenizer()
-    required = set(data.byte_token_ids(tokenizer)) | set(tokenizer.all_special_ids)
-    required |= {tokenizer.convert_tokens_to_ids(t) for t in (data.PAD_TOKEN, data.BOS_TOKEN, data.EOS_TOKEN)}
+    required = set(vocabulary.byte_token_ids(tokenizer)) | set(tokenizer.all_special_ids)
+    required |= {tokenizer.convert_tokens_to_ids(t)
+                 for t in (vocabulary.PAD_TOKEN, vocabulary.BOS_TOKEN, vocabulary.EOS_TOKEN)}
     others = [i for i in range(len(tokenizer)) if i not in required][:vocab_size - len(required)]
-    vocab = data.VocabMap(sorted(required | set(others)), len(tokenizer), data.tokenizer_fingerprint(tokenizer))
+    vocab = vocabulary.VocabMap(sorted(required | set(others)), len(tokenizer),
+                                vocabulary.tokenizer_fingerprint(tokenizer))
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(folder)
     vocab.save(folder)
-    write_tokenizer_bin(folder, folder / data.VocabMap.FILE, folder / "tokenizer.bin")
+    write_tokenizer_bin(folder, folder / vocabulary.VocabMap.FILE, folder / "tokenizer.bin")
     return tokenizer, vocab
 
 

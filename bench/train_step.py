@@ -143,17 +143,17 @@ def free_port() -> int:
 
 def prepare_inputs(setting: Setting) -> tuple[Path, Path]:
     """The catalog corpus and a random teacher of the setting's shape, built once under bench/.cache."""
-    import data
+    import corpus
     import make_tiny_teacher
-    corpus = CACHE / "catalogs"
-    if not (corpus / "train.jsonl").is_file():
-        data.build_catalog_corpus("/usr/share/locale", corpus)
+    catalogs = CACHE / "catalogs"
+    if not (catalogs / "train.jsonl").is_file():
+        corpus.build_catalog_corpus("/usr/share/locale", catalogs)
     teacher = CACHE / f"teacher-{setting.teacher_size}"
     if not (teacher / "config.json").is_file():
         print(f"building a random {setting.teacher_size} teacher in {teacher} (once)", file=sys.stderr)
-        make_tiny_teacher.build_teacher(data.read_pairs(corpus / "train.jsonl"), teacher, setting.teacher_size,
+        make_tiny_teacher.build_teacher(corpus.read_pairs(catalogs / "train.jsonl"), teacher, setting.teacher_size,
                                         force=True)
-    return corpus, teacher
+    return catalogs, teacher
 
 
 def run_job(setting: Setting, placement: str, corpus: Path, teacher: Path, ranks: int) -> dict:

@@ -38,7 +38,9 @@ from typing import Any, Sequence
 
 import torch
 
+import corpus
 import data
+import vocabulary
 from config import DIRECTIONS
 from deploy import contract, estimate, export_onnx, package
 from deploy.contract import Dist
@@ -110,8 +112,8 @@ def check_pairs(flag: str, path: Path) -> None:
     if path.suffix not in PAIR_SUFFIXES:
         raise DeployError(f"{flag} {path}: a {path.suffix or 'suffix-less'} file; {expected}")
     try:
-        pairs = data.read_pairs(path, on_bad_line="skip")
-    except (OSError, UnicodeDecodeError, data.CorpusError) as exc:
+        pairs = corpus.read_pairs(path, on_bad_line="skip")
+    except (OSError, UnicodeDecodeError, corpus.CorpusError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DeployError(f"{flag} {path}: cannot be read ({reason}); {expected}") from exc
     if not pairs:
@@ -149,7 +151,7 @@ def convert(python: Path, dist: Dist, precisions: Sequence[str], target: str, qu
 # --------------------------------------------------------------------------- steps 4-5: quality and host cost
 
 
-def evaluate_backend(translator: Translator, pairs: list[data.Pair], directions: Sequence[str]) -> dict:
+def evaluate_backend(translator: Translator, pairs: list[corpus.Pair], directions: Sequence[str]) -> dict:
     results = {}
     for direction in directions:
         result = evaluate(translator, pairs, direction)
@@ -159,7 +161,7 @@ def evaluate_backend(translator: Translator, pairs: list[data.Pair], directions:
     return results
 
 
-def evaluate_all(model: Path, dist: Dist, pairs: list[data.Pair], precisions: Sequence[str],
+def evaluate_all(model: Path, dist: Dist, pairs: list[corpus.Pair], precisions: Sequence[str],
                  directions: Sequence[str]) -> tuple[dict[str, dict], dict[str, dict]]:
     """BLEU/chrF per backend and direction (torch on the student folder, the rest on DIST), and per precision the
     simulator's fidelity to fp32 onnxruntime on the same sentences (contract.fidelity), both directions pooled."""
@@ -176,7 +178,7 @@ def evaluate_all(model: Path, dist: Dist, pairs: list[data.Pair], precisions: Se
     return quality, fidelity
 
 
-def host_requests(translator: Translator, pairs: list[data.Pair], directions: Sequence[str]) -> dict:
+def host_requests(translator: Translator, pairs: list[corpus.Pair], directions: Sequence[str]) -> dict:
     """Student ids of every test source that fits, in both directions, as deploy/host_cost.py reads them."""
     sources, direction_ids = [], []
     for direction in directions:
@@ -295,7 +297,7 @@ def choose_precision(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
                      "reference": REFERENCE, "fastest_by": "estimated ms per sentence, high end"}}
 
 
-def mean_target_tokens(translator: Translator, pairs: list[data.Pair], directions: Sequence[str]) -> float:
+def mean_target_tokens(translator: Translator, pairs: list[corpus.Pair], directions: Sequence[str]) -> float:
     """Average output length in decoder steps (reference tokens + eos), for the per-sentence latency estimate."""
     lengths = [len(translator.builder.student_ids(p.side(d.split("-")[1]))) + 1 for d in directions for p in pairs]
     return min(translator.max_target_len, sum(lengths) / max(1, len(lengths)))
@@ -471,8 +473,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     step(3, f"convert {', '.join(precisions)} for {args.target} ({args.quant_algorithm})")
     rknn_report = convert(args.rknn_python, dist, precisions, args.target, args.quant_algorithm)
 
-    in_file = data.read_pairs(args.test, on_bad_line="skip")
-    disjoint = export_onnx.calibration_disjoint(in_file, data.read_pairs(args.calib, on_bad_line="skip"))
+    in_file = corpus.read_pairs(args.test, on_bad_line="skip")
+    disjoint = export_onnx.calibration_disjoint(in_file, corpus.read_pairs(args.calib, on_bad_line="skip"))
     if not disjoint:
         raise DeployError(f"--test {args.test}: every pair shares a side with a --calib pair; give test pairs the "
                           "calibration has not seen (another split)")
@@ -528,8 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_inputs(args)
         report = run(args)
-    except (DeployError, export_onnx.ExportError, contract.ContractError, backends.BackendError, data.CorpusError,
-            data.VocabMismatchError) as exc:
+    except (DeployError, export_onnx.ExportError, contract.ContractError, backends.BackendError, corpus.CorpusError,
+            vocabulary.VocabMismatchError) as exc:
         log.error("%s", exc)
         return 2
     dist = Dist(args.out.resolve())

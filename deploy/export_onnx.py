@@ -34,7 +34,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import corpus
 import data
+import vocabulary
 from config import DIRECTIONS
 from deploy.contract import (ContractError, DeployMeta, Dist, EmbedTables, Feeds, Recorder, StepModel, contract_io,
                              greedy)
@@ -231,14 +233,14 @@ class Request:
     direction: int
 
 
-def calibration_disjoint(test: Sequence[data.Pair], calib: Sequence[data.Pair]) -> list[data.Pair]:
+def calibration_disjoint(test: Sequence[corpus.Pair], calib: Sequence[corpus.Pair]) -> list[corpus.Pair]:
     """The test pairs that share neither side with a calibration pair: what the RKNN checks and scores run on, so
     no quantization range was fitted to a sentence it is judged on (UI strings repeat across catalogs)."""
     seen = {p.zh.strip() for p in calib} | {p.en.strip() for p in calib}
     return [p for p in test if p.zh.strip() not in seen and p.en.strip() not in seen]
 
 
-def requests_from(pairs: Sequence[data.Pair], what: Path, builder: data.ExampleBuilder, max_len: int, n: int,
+def requests_from(pairs: Sequence[corpus.Pair], what: Path, builder: data.ExampleBuilder, max_len: int, n: int,
                   directions: Sequence[str]) -> tuple[list[Request], int]:
     """The first n pairs that fit max_len, alternating directions; also how many were too long. `what`: the file
     they came from, for the error."""
@@ -326,7 +328,7 @@ def load_student(folder: Path) -> tuple[StudentForTranslation, data.ExampleBuild
         raise ExportError(f"{folder}: no config.json; give a student folder (RUN/final or train_ds.py export)")
     student = StudentForTranslation.from_pretrained(folder, use_safetensors=True).eval()  # never a pickle
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    vocab = data.VocabMap.load(folder)
+    vocab = vocabulary.VocabMap.load(folder)
     vocab.check_tokenizer(tokenizer, str(folder))
     cfg = student.config
     return student, data.ExampleBuilder(tokenizer, vocab, cfg.max_source_len, cfg.max_target_len)
@@ -368,8 +370,8 @@ def export(opts: ExportOptions) -> dict:
 
     reference = TorchStepModel(student, io)
     onnx_fp32 = OnnxStepModel(dist.onnx)
-    calib_pairs = data.read_pairs(opts.calib, on_bad_line="skip")
-    test_pairs = calibration_disjoint(data.read_pairs(opts.test, on_bad_line="skip"), calib_pairs)
+    calib_pairs = corpus.read_pairs(opts.calib, on_bad_line="skip")
+    test_pairs = calibration_disjoint(corpus.read_pairs(opts.test, on_bad_line="skip"), calib_pairs)
     requests, too_long = requests_from(test_pairs, opts.test, builder, S, opts.n_parity, meta.directions)
     log.info("parity on %d test sentences: torch generate vs onnxruntime fp32 and int8", len(requests))
     expected = [torch_greedy(student, r) for r in requests]
@@ -434,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         report = export(ExportOptions(**vars(args)))
-    except (ExportError, ContractError, data.CorpusError, data.VocabMismatchError) as exc:
+    except (ExportError, ContractError, corpus.CorpusError, vocabulary.VocabMismatchError) as exc:
         log.error("%s", exc)
         return 2
     fp32, int8 = report["onnx"], report["onnx-int8"]

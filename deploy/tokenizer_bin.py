@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from data import BOS_TOKEN, BYTE_TO_CHAR, CHAR_TO_BYTE, EOS_TOKEN, PAD_TOKEN, VocabMap, tokenizer_fingerprint
+from vocabulary import BOS_TOKEN, BYTE_TO_CHAR, CHAR_TO_BYTE, EOS_TOKEN, PAD_TOKEN, VocabMap, tokenizer_fingerprint
 
 MAGIC = b"RKTOK1\0\0"
 VERSION = 1
@@ -295,7 +295,7 @@ def _merge_table(tok: _Tokenizer, where: str) -> list[tuple[int, int, int, int]]
 def _student_ids(tok: _Tokenizer, tokenizer_dir: Path, vocab_map_path: Path | None) -> list[int]:
     existing = set(tok.vocab.values()) | {i for i, _, _ in tok.added}
     if vocab_map_path is None:
-        return sorted(existing)  # the teacher's own view, as data.VocabMap.full
+        return sorted(existing)  # the teacher's own view, as vocabulary.VocabMap.full
     if not vocab_map_path.is_file():
         raise TokenizerBinError(f"{vocab_map_path}: missing vocabulary map")
     raw = _load_json(vocab_map_path)

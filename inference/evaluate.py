@@ -15,7 +15,8 @@ import json
 import sys
 import time
 
-import data
+import corpus
+import vocabulary
 from deploy import contract
 from inference import backends
 from inference.metrics import score
@@ -30,7 +31,7 @@ def spread(count: int, n: int) -> list[int]:
     return [round(i * (count - 1) / (n - 1)) for i in range(n)]
 
 
-def evaluate(translator: Translator, pairs: list[data.Pair], direction: str, num_beams: int = 1,
+def evaluate(translator: Translator, pairs: list[corpus.Pair], direction: str, num_beams: int = 1,
              examples: int = 5) -> dict:
     """Scores of translator on pairs in one direction, with `examples` translations spread over the pairs, and
     per source (catalog or file: `by_source`, largest first) when the pairs come from more than one."""
@@ -85,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a summary line")
     args = parser.parse_args(argv)
     try:
-        pairs = data.read_pairs(args.test, on_bad_line="skip")
+        pairs = corpus.read_pairs(args.test, on_bad_line="skip")
         pairs = pairs[:args.limit] if args.limit else pairs
         translator = Translator(args.model, args.device, backend=args.backend, split_long=args.split_long)
         result = evaluate(translator, pairs, args.direction, args.num_beams, args.examples)
         result["test"] = str(args.test)  # names the split in a model card (inference.model_card --eval)
-    except (data.CorpusError, data.VocabMismatchError, FileNotFoundError, contract.ContractError,
+    except (corpus.CorpusError, vocabulary.VocabMismatchError, FileNotFoundError, contract.ContractError,
             backends.BackendError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-import data
+import vocabulary
 from config import DIRECTIONS
 from deploy import contract
 from inference import backends
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         translator = Translator(args.model, args.device, backend=args.backend, split_long=args.split_long)
-    except (data.VocabMismatchError, FileNotFoundError, contract.ContractError, backends.BackendError) as exc:
+    except (vocabulary.VocabMismatchError, FileNotFoundError, contract.ContractError, backends.BackendError) as exc:
         log.error("%s", exc)
         return 2
     worker = TranslationWorker(translator, args.max_queue, args.num_beams, args.batch_size)

@@ -11,9 +11,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-import data
+import vocabulary
 from inference.translator import InputTooLongError, Translator
+
+
+def read_sentences(path: str | Path) -> list[str]:
+    """The non-empty lines of a UTF-8 text file (--input: one sentence a line)."""
+    with Path(path).open(encoding="utf-8") as handle:
+        return [line.rstrip("\n") for line in handle if line.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,14 +35,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="split a text over the model's source limit by sentence (and by token count when one "
                              "sentence is still too long) instead of refusing it")
     args = parser.parse_args(argv)
-    texts = list(args.text) + (list(data.iter_lines(args.input)) if args.input else [])
+    texts = list(args.text) + (read_sentences(args.input) if args.input else [])
     if not texts:
         parser.error("give sentences as arguments or --input FILE")
     try:
         translator = Translator(args.model, args.device, split_long=args.split_long)
         for line in translator.translate(texts, args.direction, args.num_beams):
             print(line)
-    except (InputTooLongError, data.VocabMismatchError, FileNotFoundError) as exc:
+    except (InputTooLongError, vocabulary.VocabMismatchError, FileNotFoundError) as exc:
         print(f"translate: {exc}", file=sys.stderr)
         return 2
     return 0

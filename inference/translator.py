@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 import data
+import vocabulary
 from config import DIRECTIONS
 from deploy import contract
 from inference import backends, splitting
@@ -49,7 +50,8 @@ def teacher_generate(model, tokenizer, prompts: Sequence[Sequence[int]], max_new
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    stop = [tokenizer.convert_tokens_to_ids(data.EOS_TOKEN), tokenizer.convert_tokens_to_ids(data.PAD_TOKEN)]
+    stop = [tokenizer.convert_tokens_to_ids(vocabulary.EOS_TOKEN),
+            tokenizer.convert_tokens_to_ids(vocabulary.PAD_TOKEN)]
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, num_beams=1, eos_token_id=stop, pad_token_id=pad,
@@ -84,14 +86,14 @@ class Translator:
             # safetensors only: a pickled pytorch_model.bin from elsewhere could run code when loaded
             self.model = student_lib.StudentForTranslation.from_pretrained(folder, use_safetensors=True).to(
                 self.device).eval()
-            vocab = data.VocabMap.load(folder)
+            vocab = vocabulary.VocabMap.load(folder)
             vocab.check_tokenizer(self.tokenizer, str(folder))
             cfg = self.model.config
             self.builder = data.ExampleBuilder(self.tokenizer, vocab, cfg.max_source_len, cfg.max_target_len)
             self.max_source_len, self.max_target_len = cfg.max_source_len, cfg.max_target_len
         else:
             self.model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False).to(self.device).eval()
-            full = data.VocabMap.full(self.tokenizer, self.model.config.vocab_size)
+            full = vocabulary.VocabMap.full(self.tokenizer, self.model.config.vocab_size)
             self.max_source_len, self.max_target_len = max_len or 128, max_len or 128
             self.builder = data.ExampleBuilder(self.tokenizer, full, self.max_source_len, self.max_target_len)
         self.parameters = sum(p.numel() for p in self.model.parameters())
@@ -103,7 +105,7 @@ class Translator:
         dist = contract.Dist(self.folder)
         meta = contract.DeployMeta.load(dist.meta)
         self.tokenizer = AutoTokenizer.from_pretrained(dist.tokenizer)
-        vocab = data.VocabMap.load(dist.tokenizer)
+        vocab = vocabulary.VocabMap.load(dist.tokenizer)
         vocab.check_tokenizer(self.tokenizer, str(dist.tokenizer))
         self.is_student, self.model = True, None
         self.builder = data.ExampleBuilder(self.tokenizer, vocab, meta.S, meta.Tc)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data import MAX_CHARS, CorpusError, build_catalog_corpus, write_label_subset  # noqa: E402
+from corpus import MAX_CHARS, CorpusError, build_catalog_corpus, write_label_subset  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

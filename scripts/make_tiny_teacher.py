@@ -23,7 +23,8 @@ from tokenizers import processors, trainers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, CorpusError, read_pairs  # noqa: E402
+from corpus import CorpusError, read_pairs  # noqa: E402
+from vocabulary import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN  # noqa: E402
 
 if TYPE_CHECKING:
     from transformers import Qwen2ForCausalLM, Qwen2TokenizerFast

@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import corpus  # noqa: E402
 import data  # noqa: E402
+import vocabulary  # noqa: E402
 
 
 def write_mo(path: Path, messages: dict[str, str]) -> Path:
@@ -56,7 +58,7 @@ def rknn_python() -> Path:
 def corpus_dir(tmp_path_factory) -> Path:
     """The real catalog corpus of this machine, built once per test session."""
     out = tmp_path_factory.mktemp("corpus")
-    data.build_catalog_corpus("/usr/share/locale", out)
+    corpus.build_catalog_corpus("/usr/share/locale", out)
     return out
 
 
@@ -65,15 +67,15 @@ def small_corpus(corpus_dir, tmp_path_factory) -> Path:
     """Short pairs only (UI labels learn fastest): 600 train, 24 valid, 24 test."""
     out = tmp_path_factory.mktemp("small_corpus")
     for split, count in (("train", 600), ("valid", 24), ("test", 24)):
-        pairs = [p for p in data.read_pairs(corpus_dir / f"{split}.jsonl") if len(p.en) <= 30][:count]
-        data.write_jsonl(pairs, out / f"{split}.jsonl")
+        pairs = [p for p in corpus.read_pairs(corpus_dir / f"{split}.jsonl") if len(p.en) <= 30][:count]
+        corpus.write_jsonl(pairs, out / f"{split}.jsonl")
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_teacher(small_corpus, tmp_path_factory) -> Path:
     from make_tiny_teacher import make_tiny_teacher
-    pairs = data.read_pairs(small_corpus / "train.jsonl")
+    pairs = corpus.read_pairs(small_corpus / "train.jsonl")
     return make_tiny_teacher(pairs, tmp_path_factory.mktemp("teacher") / "tiny-qwen", vocab_size=800)
 
 
@@ -180,8 +182,8 @@ def student_folder(tokenizer, small_corpus, tmp_path_factory) -> Path:
     import torch
 
     from model import StudentConfig, StudentForTranslation
-    pairs = data.read_pairs(small_corpus / "train.jsonl")
-    vocab = data.build_vocab_map(tokenizer, [p.zh for p in pairs] + [p.en for p in pairs], 600, 832)
+    pairs = corpus.read_pairs(small_corpus / "train.jsonl")
+    vocab = vocabulary.build_vocab_map(tokenizer, [p.zh for p in pairs] + [p.en for p in pairs], 600, 832)
     builder = data.ExampleBuilder(tokenizer, vocab, 24, 24)
     torch.manual_seed(0)
     model = StudentForTranslation(StudentConfig(vocab_size=vocab.size, d_model=32, n_heads=4, encoder_layers=1,
@@ -208,7 +210,7 @@ def student_folder(tokenizer, small_corpus, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def students(tiny_teacher, small_corpus, tmp_path_factory) -> dict[str, Path]:
     from test_export_onnx import KINDS, make_student
-    pairs = data.read_pairs(small_corpus / "train.jsonl")
+    pairs = corpus.read_pairs(small_corpus / "train.jsonl")
     return {kind: make_student(tmp_path_factory.mktemp(f"student_{kind}"), tiny_teacher, pairs, kind)
             for kind in KINDS}
 

@@ -2,7 +2,7 @@
 
 The student is tests/fixtures/labels-student (trained on the short-label corpus; its README has the command and
 scores); the corpus it is judged on is rebuilt from this machine's catalogs (conftest's `corpus_dir`, then
-data.write_label_subset, as scripts/build_corpus.py --labels does). Needs the RKNN venv (created on first use by
+corpus.write_label_subset, as scripts/build_corpus.py --labels does). Needs the RKNN venv (created on first use by
 deploy/setup_rknn_env.sh, a minute or two) and, for the board runner, cmake and the ziglang wheel of requirements.txt
 (without them deploy fails and its last log line says what to install).
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-import data
+import corpus
 from deploy import __main__ as pipeline
 from deploy import contract, export_onnx, package
 from deploy.contract import Dist
@@ -34,7 +34,7 @@ PRECISIONS = ["w8a8", "fp16", "w4a16", "hybrid"]  # --precision auto on rv1126b
 def labels(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The short-label corpus the fixture student was trained on (its test catalogs it never saw)."""
     out = tmp_path_factory.mktemp("labels")
-    data.write_label_subset(corpus_dir, out, 3)
+    corpus.write_label_subset(corpus_dir, out, 3)
     return out
 
 
@@ -95,7 +95,7 @@ def test_quality_for_every_backend_and_direction(report: dict[str, Any]) -> None
 def test_checks_run_on_calibration_disjoint_test_sentences(report: dict[str, Any], labels: Path) -> None:
     """The cosines and the token agreement come from the scored test sentences (every one, both directions), and
     none of those shares a side with a calibration pair."""
-    calib = data.read_pairs(labels / "valid.jsonl")
+    calib = corpus.read_pairs(labels / "valid.jsonl")
     seen = {p.zh for p in calib} | {p.en for p in calib}
     subset = report["test_subset"]
     assert subset["used"] == LIMIT and subset["dropped_for_calib_overlap"] > 0  # UI strings repeat across catalogs
@@ -215,7 +215,7 @@ def test_rknn_sim_decodes_a_recurrent_student(rknn_python: Path, tiny_teacher: P
                                               tmp_path: Path) -> None:
     """A random recurrent student in fp16: the hypotheses follow onnxruntime, and the checks the worker sends with
     them are what `fidelity` sums up."""
-    pairs = data.read_pairs(small_corpus / "train.jsonl")
+    pairs = corpus.read_pairs(small_corpus / "train.jsonl")
     student = make_student(tmp_path / "student", tiny_teacher, pairs, "recurrent", seed=1)
     dist = Dist(tmp_path / "dist")
     done = run_module("deploy.export_onnx", *export_args(student, dist.onnx, small_corpus))
@@ -289,9 +289,9 @@ def test_fp16_ships_when_nothing_qualifies() -> None:
 
 
 def test_calibration_disjoint_test_pairs() -> None:
-    calib = [data.Pair("打开", "Open"), data.Pair("关闭", "Close")]
-    test = [data.Pair("打开", "Open file"), data.Pair("保存", "Close"), data.Pair("保存", "Save")]
-    assert export_onnx.calibration_disjoint(test, calib) == [data.Pair("保存", "Save")]
+    calib = [corpus.Pair("打开", "Open"), corpus.Pair("关闭", "Close")]
+    test = [corpus.Pair("打开", "Open file"), corpus.Pair("保存", "Close"), corpus.Pair("保存", "Save")]
+    assert export_onnx.calibration_disjoint(test, calib) == [corpus.Pair("保存", "Save")]
 
 
 def test_precision_argument() -> None:

@@ -20,7 +20,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+import corpus
 import data
+import vocabulary
 from deploy import convert_rknn as cr
 from deploy import export_onnx
 from deploy.contract import DeployMeta, Dist, EmbedTables
@@ -33,7 +35,7 @@ SRC_LEN, TGT_LEN, VOCAB = 24, 12, 400
 N_PARITY, N_CALIB, N_EVAL = 12, 6, 3
 
 
-def make_student(folder: Path, teacher_dir: Path, pairs: list[data.Pair], kind: str, seed: int = 0) -> Path:
+def make_student(folder: Path, teacher_dir: Path, pairs: list[corpus.Pair], kind: str, seed: int = 0) -> Path:
     """A randomly initialised student folder as train_ds.py exports one: weights, tokenizer, vocabulary map.
 
     Its matrices are drawn wider than the model's own init (as conftest's student_folder): at that init every step
@@ -41,7 +43,7 @@ def make_student(folder: Path, teacher_dir: Path, pairs: list[data.Pair], kind: 
     run it."""
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     teacher_vocab = json.loads((teacher_dir / "config.json").read_text())["vocab_size"]
-    vocab = data.build_vocab_map(tokenizer, [p.zh for p in pairs] + [p.en for p in pairs], VOCAB, teacher_vocab)
+    vocab = vocabulary.build_vocab_map(tokenizer, [p.zh for p in pairs] + [p.en for p in pairs], VOCAB, teacher_vocab)
     builder = data.ExampleBuilder(tokenizer, vocab, SRC_LEN, TGT_LEN)
     config = StudentConfig(vocab_size=vocab.size, d_model=32, n_heads=2, encoder_layers=1, decoder_layers=2,
                            ffn_dim=64, decoder=kind, max_source_len=SRC_LEN, max_target_len=TGT_LEN,
@@ -153,8 +155,8 @@ def test_backend_greedy_equals_generate_on_fresh_sentences(exported: dict[str, D
                                                            kind: str) -> None:
     """The backend loop on the int8 and fp32 folders, driven from outside the exporter."""
     student, builder = export_onnx.load_student(students[kind])
-    requests, _ = export_onnx.requests_from(data.read_pairs(small_corpus / "valid.jsonl"), small_corpus / "valid.jsonl",
-                                              builder, SRC_LEN, 6, ["zh-en", "en-zh"])
+    requests, _ = export_onnx.requests_from(corpus.read_pairs(small_corpus / "valid.jsonl"),
+                                            small_corpus / "valid.jsonl", builder, SRC_LEN, 6, ["zh-en", "en-zh"])
     expected = [export_onnx.torch_greedy(student, r) for r in requests]
     decoder = backends.open_decoder(exported[kind].root, "onnx")
     assert decoder.decode([r.source_ids for r in requests], [r.direction for r in requests]) == expected

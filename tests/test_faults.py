@@ -5,7 +5,7 @@ $RK_DISTILL_FAULT (faults.fault) so each lands at an exact step.
 
 Untrusted files are tried at the end: a pickled student, a teacher folder with its own Python code, a config
 file that points outside the project (the C runner's fuzzing is in test_runtime.py, bad corpus lines in
-test_data.py).
+test_corpus.py).
 """
 
 import json

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-import data
+import corpus
 from conftest import ROOT
 from inference import InputTooLongError, Translator, splitting
 from inference.evaluate import evaluate
@@ -100,7 +100,7 @@ def test_cut_off_translations_are_logged(translator, caplog):
 
 
 def test_evaluate_skips_or_splits_long_sources_never_truncates(translator, splitter):
-    pairs = [data.Pair("打开文件", "Open file"), data.Pair(LONG_ZH, LONG_EN), data.Pair("保存", "Save")]
+    pairs = [corpus.Pair("打开文件", "Open file"), corpus.Pair(LONG_ZH, LONG_EN), corpus.Pair("保存", "Save")]
     skipped = evaluate(translator, pairs, "zh-en")
     assert (skipped["n"], skipped["skipped_too_long"], skipped["split_too_long"]) == (2, 1, 0)
     split = evaluate(splitter, pairs, "zh-en")
@@ -112,14 +112,14 @@ def test_evaluate_skips_or_splits_long_sources_never_truncates(translator, split
 def test_evaluate_scores_each_catalog_of_a_mixed_split(translator):
     """A split of several catalogs is also scored per catalog, largest first, each with sacrebleu on its own pairs;
     one catalog (or none named) adds nothing."""
-    pairs = [data.Pair("打开文件", "Open file", "gedit"), data.Pair("保存", "Save", "xkb"),
-             data.Pair("退出", "Quit", "xkb"), data.Pair("复制", "Copy", "xkb")]
+    pairs = [corpus.Pair("打开文件", "Open file", "gedit"), corpus.Pair("保存", "Save", "xkb"),
+             corpus.Pair("退出", "Quit", "xkb"), corpus.Pair("复制", "Copy", "xkb")]
     result = evaluate(translator, pairs, "zh-en")
     assert list(result["by_source"]) == ["xkb", "gedit"]
     hyps = translator.translate(["保存", "退出", "复制"], "zh-en")
     assert result["by_source"]["xkb"] == score(hyps, ["Save", "Quit", "Copy"], "en")
     assert result["by_source"]["gedit"]["n"] == 1
-    assert "by_source" not in evaluate(translator, [data.Pair(p.zh, p.en) for p in pairs], "zh-en")
+    assert "by_source" not in evaluate(translator, [corpus.Pair(p.zh, p.en) for p in pairs], "zh-en")
 
 
 def test_translate_cli_refuses_or_splits_a_long_line(student_folder, tmp_path):

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from config import DistillConfig
-from kd_loss import IGNORE_INDEX, KINDS, chunk_size, fused_distill_loss, plain_distill_loss
+from data import IGNORE_INDEX
+from kd_loss import KINDS, chunk_size, fused_distill_loss, plain_distill_loss
 
 VOCAB, STUDENT_WIDTH, TEACHER_WIDTH = 50, 16, 24
 
@@ -90,7 +91,8 @@ def test_fused_loss_in_bf16_is_within_one_percent(kind):
 
 
 def test_target_positions_from_the_host_select_what_the_mask_selects():
-    """data.collate's target_positions (no host sync on a GPU) give the loss and gradients the mask gives."""
+    """data.ExampleBuilder.collate's target_positions (no host sync on a GPU) give the loss and gradients the mask
+    gives."""
     s_hidden, s_weight, t_hidden, t_weight, labels = make_inputs()
     positions = torch.tensor([i for i, label in enumerate(labels.flatten().tolist()) if label != IGNORE_INDEX])
     cfg = config("forward_kl", chunk=4)

@@ -27,7 +27,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 from make_tiny_teacher import CHAT_TEMPLATE, QWEN2_SPLIT_PATTERN, make_tiny_teacher  # noqa: E402
 from qwen_real_tokenizer import load_real_qwen_tokenizer, save_real_qwen_folder  # noqa: E402
 
-from data import Pair, byte_token_ids, problem_with, write_jsonl  # noqa: E402
+from corpus import Pair, problem_with, write_jsonl  # noqa: E402
+from vocabulary import byte_token_ids  # noqa: E402
 
 LOCALE_DIR = Path("/usr/share/locale/zh_CN/LC_MESSAGES")
 N_PAIRS = 400

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import data
+import corpus
 from deploy import package
 from deploy.contract import Dist
 from test_export_onnx import TGT_LEN, export_args, make_student, run_module
@@ -36,7 +36,7 @@ def fake_aarch64_elf(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def dist(tiny_teacher: Path, small_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Dist:
     root = tmp_path_factory.mktemp("package_dist")
-    pairs = data.read_pairs(small_corpus / "train.jsonl")
+    pairs = corpus.read_pairs(small_corpus / "train.jsonl")
     student = make_student(root / "student", tiny_teacher, pairs, "transformer")
     done = run_module("deploy.export_onnx", *export_args(student, root / "dist" / "onnx", small_corpus))
     assert done.returncode == 0, done.stderr[-3000:]

@@ -31,10 +31,10 @@ SUBSETS = ("labels", "full")
 def run(run_root, sft_run, distill_run, small_corpus) -> Path:
     """The shared run folder with RUN/eval.json as quickstart's evaluate stage writes it: scores on a label subset
     (here 8 test pairs) and on the full split (here 12 others), with 8 and 12 examples kept."""
-    import data
+    import corpus
     from inference.evaluate import evaluate
     from inference.translator import Translator
-    pairs = data.read_pairs(small_corpus / "test.jsonl")
+    pairs = corpus.read_pairs(small_corpus / "test.jsonl")
     # the label subset as two catalogs (5 and 3 pairs), so the report's per-catalog table has rows to check
     labels = [dataclasses.replace(p, source="catalog-a" if i < 5 else "catalog-b") for i, p in enumerate(pairs[:8])]
     subsets = {"labels": (labels, 8), "full": (pairs[8:20], 12)}

@@ -41,6 +41,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import data  # noqa: E402
+import vocabulary  # noqa: E402
+from corpus import read_pairs  # noqa: E402
 from deploy import contract, replay  # noqa: E402
 from deploy import tokenizer_bin as tb  # noqa: E402
 from deploy.onnx_step_model import OnnxStepModel  # noqa: E402
@@ -147,7 +149,7 @@ class Tok:
     """A tokenizer.bin with the Hugging Face tokenizer and student vocabulary it was written from."""
     bin: Path
     hf: object                 # transformers Qwen2TokenizerFast
-    vocab: data.VocabMap
+    vocab: vocabulary.VocabMap
 
     def teacher_ids(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
@@ -164,10 +166,10 @@ class Tok:
 
     @functools.cached_property
     def byte_ids(self) -> list[int]:
-        return data.byte_token_ids(self.hf)
+        return vocabulary.byte_token_ids(self.hf)
 
     def _byte_ids(self, teacher_id: int) -> list[int]:
-        return [self.byte_ids[data.CHAR_TO_BYTE[c]] for c in self.hf.convert_ids_to_tokens(teacher_id)]
+        return [self.byte_ids[vocabulary.CHAR_TO_BYTE[c]] for c in self.hf.convert_ids_to_tokens(teacher_id)]
 
     def decode(self, student: list[int]) -> str:
         return self.hf.decode([self.vocab.teacher_ids[i] for i in student], skip_special_tokens=True)
@@ -192,17 +194,18 @@ def full_tok(teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Tok
     hf = load_hf(teacher_dir)
     out = tmp_path_factory.mktemp("tok_full") / "tokenizer.bin"
     tb.write_tokenizer_bin(teacher_dir, None, out)
-    return Tok(out, hf, data.VocabMap.full(hf, len(hf)))
+    return Tok(out, hf, vocabulary.VocabMap.full(hf, len(hf)))
 
 
 @pytest.fixture(scope="session")
 def trimmed_tok(teacher_dir: Path, corpus: list[str], tmp_path_factory: pytest.TempPathFactory) -> Tok:
-    """The 1000 most frequent teacher tokens + the 256 byte tokens + the specials, as data.build_vocab_map keeps."""
+    """The 1000 most frequent teacher tokens + the 256 byte tokens + the specials, as vocabulary.build_vocab_map
+    keeps."""
     hf = load_hf(teacher_dir)
-    vocab = data.build_vocab_map(hf, corpus[::4], size=1000 + 256 + 3, teacher_vocab_size=len(hf))
+    vocab = vocabulary.build_vocab_map(hf, corpus[::4], size=1000 + 256 + 3, teacher_vocab_size=len(hf))
     folder = tmp_path_factory.mktemp("tok_trimmed")
     vocab.save(folder)
-    tb.write_tokenizer_bin(teacher_dir, folder / data.VocabMap.FILE, folder / "tokenizer.bin")
+    tb.write_tokenizer_bin(teacher_dir, folder / vocabulary.VocabMap.FILE, folder / "tokenizer.bin")
     return Tok(folder / "tokenizer.bin", hf, vocab)
 
 
@@ -271,13 +274,13 @@ def test_special_tokens_in_text(host: Build, tok: Tok) -> None:
     texts = ["<|im_start|>user\n打开文件<|im_end|>", "a<|endoftext|>b", "<|im_end|><|im_end|>", "<|im_end", "<|"]
     check_tokenizer(host, tok, texts, round_trip=False)
     assert c_encode(host, tok, ["x<|im_end|>"])[0][0][-1] == tok.vocab.student_of[tok.hf.convert_tokens_to_ids(
-        data.EOS_TOKEN)]
+        vocabulary.EOS_TOKEN)]
 
 
 def test_decode_invalid_utf8_like_hf(host: Build, full_tok: Tok) -> None:
     """Random id sequences, many of them splitting UTF-8 sequences: U+FFFD placement matches the Rust decoder."""
     rng = random.Random(0)
-    byte_ids = data.byte_token_ids(full_tok.hf)
+    byte_ids = vocabulary.byte_token_ids(full_tok.hf)
     cases = [[rng.choice(byte_ids[128:] + byte_ids[:8] + [rng.randrange(full_tok.vocab.size)])
               for _ in range(rng.randrange(1, 12))] for _ in range(400)]
     result = host.run("tok_check", "--decode", full_tok.bin, stdin="".join(
@@ -306,7 +309,7 @@ def test_real_qwen_tokenizer(host: Build, corpus: list[str], tmp_path: Path) -> 
     hf.save_pretrained(tmp_path)
     info = tb.write_tokenizer_bin(tmp_path, None, tmp_path / "tokenizer.bin")
     assert info.ignore_merges and info.student_ids == 151_646
-    check_tokenizer(host, Tok(tmp_path / "tokenizer.bin", hf, data.VocabMap.full(hf, len(hf))), corpus[::6])
+    check_tokenizer(host, Tok(tmp_path / "tokenizer.bin", hf, vocabulary.VocabMap.full(hf, len(hf))), corpus[::6])
 
 
 # --------------------------------------------------------------------------- tokenizer_bin.py
@@ -315,7 +318,7 @@ def test_tokenizer_bin_cli(teacher_dir: Path, full_tok: Tok, trimmed_tok: Tok, t
     help_text = subprocess.run([sys.executable, "-m", "deploy.tokenizer_bin", "--help"], cwd=REPO,
                                capture_output=True, text=True)
     assert help_text.returncode == 0 and all(f in help_text.stdout for f in ("--model", "--out", "--vocab_map"))
-    trimmed_map = str(trimmed_tok.bin.parent / data.VocabMap.FILE)
+    trimmed_map = str(trimmed_tok.bin.parent / vocabulary.VocabMap.FILE)
     for vocab_arg, want in (("none", full_tok.bin), (trimmed_map, trimmed_tok.bin)):
         result = subprocess.run([sys.executable, "-m", "deploy.tokenizer_bin", "--model", str(teacher_dir),
                                  "--out", str(tmp_path / "t.bin"), "--vocab_map", vocab_arg], cwd=REPO,
@@ -350,9 +353,9 @@ def test_tokenizer_bin_rejects_unsupported(teacher_dir: Path, tmp_path: Path, ed
 
 
 def test_tokenizer_bin_rejects_bad_vocab_maps(teacher_dir: Path, trimmed_tok: Tok, tmp_path: Path) -> None:
-    base = json.loads((trimmed_tok.bin.parent / data.VocabMap.FILE).read_text())
-    byte_a = trimmed_tok.hf.convert_tokens_to_ids(data.BYTE_TO_CHAR[ord("a")])
-    eos = trimmed_tok.hf.convert_tokens_to_ids(data.EOS_TOKEN)
+    base = json.loads((trimmed_tok.bin.parent / vocabulary.VocabMap.FILE).read_text())
+    byte_a = trimmed_tok.hf.convert_tokens_to_ids(vocabulary.BYTE_TO_CHAR[ord("a")])
+    eos = trimmed_tok.hf.convert_tokens_to_ids(vocabulary.EOS_TOKEN)
     cases = {"tokenizer_sha256": ({**base, "tokenizer_sha256": "0" * 64}, "another tokenizer"),
              "byte": ({**base, "teacher_ids": [t for t in base["teacher_ids"] if t != byte_a]}, "byte token"),
              "eos": ({**base, "teacher_ids": [t for t in base["teacher_ids"] if t != eos]}, "does not keep"),
@@ -373,7 +376,8 @@ DIRECTIONS = ["zh-en", "en-zh"]
 
 def special_ids(tok: Tok) -> tuple[int, int, int]:
     student = tok.vocab.student_of
-    return tuple(student[tok.hf.convert_tokens_to_ids(t)] for t in (data.PAD_TOKEN, data.BOS_TOKEN, data.EOS_TOKEN))
+    return tuple(student[tok.hf.convert_tokens_to_ids(t)]
+                 for t in (vocabulary.PAD_TOKEN, vocabulary.BOS_TOKEN, vocabulary.EOS_TOKEN))
 
 
 def random_meta(tok: Tok, decoder: str) -> contract.DeployMeta:
@@ -678,7 +682,7 @@ class BoardModel:
     onnx: OnnxStepModel
     tokenizer_bin: Path
     hf: object
-    vocab: data.VocabMap
+    vocab: vocabulary.VocabMap
     requests: list[tuple[str, int, list[int]]]  # text, direction, source ids
     ranges: dict[tuple[str, str], tuple[float, float]]  # (graph, tensor) -> observed min, max
 
@@ -732,12 +736,12 @@ def board_models(exported: dict[str, contract.Dist], small_corpus: Path,
     models = {}
     for kind, dist in exported.items():
         meta, tables = contract.DeployMeta.load(dist.meta), contract.EmbedTables.load(dist.embed)
-        hf, vocab = AutoTokenizer.from_pretrained(dist.tokenizer), data.VocabMap.load(dist.tokenizer)
+        hf, vocab = AutoTokenizer.from_pretrained(dist.tokenizer), vocabulary.VocabMap.load(dist.tokenizer)
         builder = data.ExampleBuilder(hf, vocab, meta.S, meta.Tc)
         tokenizer_bin = tmp_path_factory.mktemp(f"board_{kind}") / "tokenizer.bin"
-        tb.write_tokenizer_bin(dist.tokenizer, dist.tokenizer / data.VocabMap.FILE, tokenizer_bin)
+        tb.write_tokenizer_bin(dist.tokenizer, dist.tokenizer / vocabulary.VocabMap.FILE, tokenizer_bin)
         requests = []
-        for i, pair in enumerate(data.read_pairs(small_corpus / "test.jsonl")[:N_SENTENCES]):
+        for i, pair in enumerate(read_pairs(small_corpus / "test.jsonl")[:N_SENTENCES]):
             text = pair.side(DIRECTIONS[i % 2].split("-")[0]).strip()
             requests.append((text, i % 2, builder.student_ids(text)))
         onnx = OnnxStepModel(dist.onnx)

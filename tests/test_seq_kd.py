@@ -20,7 +20,9 @@ import torch
 
 import config as config_lib
 import data
+import vocabulary
 from conftest import ROOT, free_port, launch
+from corpus import read_pairs
 
 sys.path.insert(0, str(ROOT))
 import seq_kd  # noqa: E402
@@ -59,9 +61,9 @@ def teacher_and_examples(tiny_teacher: Path, corpus: Path, max_target_len: int, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
-    train = data.read_pairs(corpus / "train.jsonl")
-    vocab = data.build_vocab_map(tokenizer, [p.zh for p in train] + [p.en for p in train], 600,
-                                 teacher.config.vocab_size)
+    train = read_pairs(corpus / "train.jsonl")
+    vocab = vocabulary.build_vocab_map(tokenizer, [p.zh for p in train] + [p.en for p in train], 600,
+                                       teacher.config.vocab_size)
     builder = data.ExampleBuilder(tokenizer, vocab, 48, max_target_len)
     examples, _ = builder.examples(train[:pairs], ["zh-en", "en-zh"])
     kept = torch.tensor(vocab.teacher_ids)
@@ -77,7 +79,8 @@ def test_cached_teacher_decoding_equals_decoding_each_example_alone(tiny_teacher
     made = seq_kd.teacher_translate(teacher.model, rows, builder, examples, examples[0], 4, "cpu",
                                     all_done=lambda done: done)
     assert len(made) == len(examples)
-    bos, pad, eos = (tokenizer.convert_tokens_to_ids(t) for t in (data.BOS_TOKEN, data.PAD_TOKEN, data.EOS_TOKEN))
+    bos, pad, eos = (tokenizer.convert_tokens_to_ids(t)
+                     for t in (vocabulary.BOS_TOKEN, vocabulary.PAD_TOKEN, vocabulary.EOS_TOKEN))
     for example, (ids, finished) in zip(examples, made):
         sequence, alone, ended = list(example.prompt_ids), [], False
         with torch.no_grad():

@@ -4,9 +4,11 @@ import json
 
 import torch
 
+import corpus
 import data
 import engine
 import teacher
+import vocabulary
 from conftest import ROOT
 
 
@@ -15,8 +17,9 @@ def test_teacher_logits_are_aligned_with_padding(tiny_teacher, small_corpus):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
-    builder = data.ExampleBuilder(tokenizer, data.VocabMap.full(tokenizer, model.config.vocab_size), 48, 48)
-    examples, _ = builder.examples(data.read_pairs(small_corpus / "valid.jsonl")[:6], ["zh-en", "en-zh"])
+    builder = data.ExampleBuilder(tokenizer, vocabulary.VocabMap.full(tokenizer, model.config.vocab_size), 48,
+                                  48)
+    examples, _ = builder.examples(corpus.read_pairs(small_corpus / "valid.jsonl")[:6], ["zh-en", "en-zh"])
     batch = engine.to_device(builder.collate(examples), "cpu")
     with torch.no_grad():
         batched = teacher.teacher_logits(model, batch, batch["labels"].shape[1])

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-import data
+import corpus
+import vocabulary
 from conftest import COMMON, DISTILL, ROOT, launch, step_losses  # the sft_run/distill_run fixtures live in conftest.py
 
 
@@ -70,7 +71,7 @@ def test_zero2_student_trains_evaluates_and_exports(sft_run, small_corpus, tmp_p
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval" in line]
     assert [e["step"] for e in evals] == [4]
     student = StudentForTranslation.from_pretrained(run / "final")
-    assert student.config.vocab_size == data.VocabMap.load(run / "final").size
+    assert student.config.vocab_size == vocabulary.VocabMap.load(run / "final").size
     # the offline export reads ZeRO-2 checkpoints too: the step-4 weights, as the run's own export wrote them
     subprocess.run([sys.executable, "train_ds.py", "export", "--ckpt", str(run / "checkpoints"), "--out",
                     str(tmp_path / "exported")], cwd=ROOT, check=True, capture_output=True)
@@ -86,19 +87,19 @@ def test_export_consolidates_zero3_shards(distill_run, tmp_path):
     exported = StudentForTranslation.from_pretrained(out)
     final = StudentForTranslation.from_pretrained(distill_run / "final")  # best == last here? compare shapes only
     assert exported.state_dict().keys() == final.state_dict().keys()
-    assert data.VocabMap.load(out).size == final.config.vocab_size
+    assert vocabulary.VocabMap.load(out).size == final.config.vocab_size
 
 
 def test_streamed_corpus_trains_and_resumes_exactly(tiny_teacher, small_corpus, tmp_path):
     """--data.stream_window: the train split read from a save_to_disk folder in 100-row windows; a run halted
     at step 3 resumes at its saved stream position and ends with the uninterrupted run's losses."""
     import datasets
-    pairs = {split: data.read_pairs(small_corpus / f"{split}.jsonl") for split in ("train", "valid")}
-    corpus = tmp_path / "arrow"
+    pairs = {split: corpus.read_pairs(small_corpus / f"{split}.jsonl") for split in ("train", "valid")}
+    arrow = tmp_path / "arrow"
     datasets.DatasetDict({name: datasets.Dataset.from_dict({"zh": [p.zh for p in ps], "en": [p.en for p in ps]})
                           for name, ps in (("train", pairs["train"]), ("validation", pairs["valid"]))}
-                         ).save_to_disk(str(corpus))
-    args = ["--stage", "distill", "--teacher", str(tiny_teacher), "--data", str(corpus), "--max_steps", "6",
+                         ).save_to_disk(str(arrow))
+    args = ["--stage", "distill", "--teacher", str(tiny_teacher), "--data", str(arrow), "--max_steps", "6",
             "--eval_every", "100", "--micro_batch_size", "8", "--data.tokens_per_batch", "0",
             "--data.stream_window", "100", "--data.valid_subset", "4", "--data.vocab_size", "600",
             "--warmup_steps", "2", "--log_every", "1", "--seq_kd", "false"]
@@ -180,7 +181,7 @@ def test_every_path_is_checked_in_one_line_before_anything_loads(tiny_teacher, s
     ]
     for extra, message in cases:
         args, cfg = config_lib.parse_run_args([*good, *extra], "", on_gpu=False)
-        with pytest.raises((config_lib.ConfigError, data.CorpusError), match=re.escape(message)):
+        with pytest.raises((config_lib.ConfigError, corpus.CorpusError), match=re.escape(message)):
             config_lib.check_run_paths(args, cfg)
     config_lib.check_run_paths(*config_lib.parse_run_args(good, "", on_gpu=False))  # the good ones pass
     with pytest.raises(SystemExit):
