@@ -271,7 +271,7 @@ def check_source(flag: str, path: str | Path, splits: Sequence[str]) -> None:
         return
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     if text.startswith(("/", ".", "~")) or (offline and ":" not in text) or Path(text.split("/")[0]).is_dir():
-        hint = (" (build the catalog corpus with: python scripts/build_corpus.py --out data/catalogs)"
+        hint = (" (build the catalog corpus with: python -m scripts.build_corpus --out data/catalogs)"
                 if p.parts and p.parts[0] == "data" else "")
         raise CorpusError(f"{flag} {text}: no such file or folder{hint}; expected {expected}")
 

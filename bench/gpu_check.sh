@@ -57,9 +57,9 @@ TEACHER=$CACHE/teacher-$TEACHER_SIZE  # where bench/train_step.py looks for it, 
 mkdir -p "$CACHE"
 if [ ! -f "$CACHE/catalogs/train.jsonl" ]; then
   if [ -f data/catalogs/train.jsonl ]; then cp -r data/catalogs "$CACHE/catalogs"
-  else part corpus "$LIMIT_SETUP" "$PY" scripts/build_corpus.py --gettext /usr/share/locale --out "$CACHE/catalogs"; fi
+  else part corpus "$LIMIT_SETUP" "$PY" -m scripts.build_corpus --gettext /usr/share/locale --out "$CACHE/catalogs"; fi
 fi
-[ -f "$TEACHER/config.json" ] || part teacher "$LIMIT_SETUP" "$PY" scripts/make_tiny_teacher.py \
+[ -f "$TEACHER/config.json" ] || part teacher "$LIMIT_SETUP" "$PY" -m scripts.make_tiny_teacher \
   --corpus "$CACHE/catalogs" --out "$TEACHER" --size "$TEACHER_SIZE" --dtype bfloat16 --force
 
 RUN=$CACHE/gpu_check-distill
@@ -70,8 +70,8 @@ part distill "$LIMIT_DISTILL" "$PY" -m deepspeed.launcher.runner --num_gpus 1 tr
   --log_every 25
 cp "$RUN/train.log" "$OUT/distill_train.log" 2>/dev/null
 
-part train_step "$LIMIT_STEP" "$PY" bench/train_step.py --shape "$SHAPE" --json "$OUT/train_step.json"
-part kd_loss "$LIMIT_LOSS" "$PY" bench/kd_loss.py --shapes "$SHAPE" --methods plain,fused,liger --repeats 3 \
+part train_step "$LIMIT_STEP" "$PY" -m bench.train_step --shape "$SHAPE" --json "$OUT/train_step.json"
+part kd_loss "$LIMIT_LOSS" "$PY" -m bench.kd_loss --shapes "$SHAPE" --methods plain,fused,liger --repeats 3 \
   --json "$OUT/kd_loss.json"
 
 # One summary to read first: what ran, how long, and the distillation's own figures from its metrics.

@@ -1,9 +1,9 @@
 """Time and peak extra memory of the fused, chunked KD loss against the plain full-logits loss (and
 Liger-Kernel's LigerFusedLinearJSDLoss when it is installed), forward + backward.
 
-    python bench/kd_loss.py                  # CPU shapes (a few minutes), or GPU shapes when CUDA is there
-    python bench/kd_loss.py --shapes gpu     # vocabulary 151,936 at 4,096 and 8,192 tokens, bf16
-    python bench/kd_loss.py --json bench/results/kd_loss-cpu.json
+    python -m bench.kd_loss                  # CPU shapes (a few minutes), or GPU shapes when CUDA is there
+    python -m bench.kd_loss --shapes gpu     # vocabulary 151,936 at 4,096 and 8,192 tokens, bf16
+    python -m bench.kd_loss --json bench/results/kd_loss-cpu.json
 
 Each (method, shape) runs in its own subprocess, so peak memory is its own: on GPU the allocator's peak
 above the inputs, on CPU the growth of peak RSS above the inputs. Prints a table and writes JSON.
@@ -22,10 +22,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.results_io import write_results
 
-from results_io import write_results  # noqa: E402 -- bench/ is sys.path[0]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -104,8 +103,8 @@ def measure(method: str, shape: Shape, device: str, repeats: int) -> dict:
 
 
 def run_isolated(method: str, shape: Shape, device: str, repeats: int) -> dict | None:
-    cmd = [sys.executable, __file__, "--_one", json.dumps([method, asdict(shape), device, repeats])]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "bench.kd_loss", "--_one", json.dumps([method, asdict(shape), device, repeats])]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or ["failed"])[-1]
         print(f"  {method} {shape}: skipped ({reason})", file=sys.stderr)

@@ -1,9 +1,9 @@
 """Which distillation method trains the best student: the same `tiny` student, teacher, steps and seeds, one
 method at a time, scored on a test split in both directions.
 
-    python bench/kd_methods.py                       # the quickstart's label subset and stored teacher
-    python bench/kd_methods.py --methods ce_only,seq_kd --seeds 1,2,3 --steps 3000
-    python bench/kd_methods.py --corpus full --steps 120   # the whole catalog corpus, a teacher fine-tuned here
+    python -m bench.kd_methods                       # the quickstart's label subset and stored teacher
+    python -m bench.kd_methods --methods ce_only,seq_kd --seeds 1,2,3 --steps 3000
+    python -m bench.kd_methods --corpus full --steps 120   # the whole catalog corpus, a teacher fine-tuned here
 
 --corpus labels (the default) is what the quickstart trains: the short-label subset of the catalog corpus (at most
 three English words), the stored teacher models/tiny-qwen-catalogs, fine-tuned for the labels by the project's own
@@ -39,10 +39,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.results_io import write_results
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-from results_io import write_results  # noqa: E402 -- bench/ is sys.path[0]
 
 CATALOGS = ROOT / "bench" / ".cache" / "catalogs"  # shared with bench/train_step.py
 STORED_TEACHER = ROOT / "models" / "tiny-qwen-catalogs"  # the quickstart's (scripts/stored_teacher.py)
@@ -131,8 +130,7 @@ def prepare(bench: Bench, teacher: Path | None) -> Path:
     """The corpus, built once under bench/.cache, and the teacher: the one given, the stored one for labels (checked
     against this corpus's held-out catalogs), or for the whole corpus a tiny one fine-tuned here once."""
     import corpus
-    import make_tiny_teacher
-    import stored_teacher
+    from scripts import make_tiny_teacher, stored_teacher
     if not (CATALOGS / "train.jsonl").is_file():
         corpus.build_catalog_corpus("/usr/share/locale", CATALOGS)
     if bench.corpus == "labels" and not (bench.data / "train.jsonl").is_file():
@@ -397,7 +395,7 @@ def main() -> None:
                "Qwen teacher on a GPU has to be measured there (`--steps`, `--seeds`).")
     write_markdown(bench.section,
         f"{bench.section}\n\n"
-        f"`python bench/kd_methods.py --corpus {bench.corpus} --methods {args.methods} --steps {steps} --seeds "
+        f"`python -m bench.kd_methods --corpus {bench.corpus} --methods {args.methods} --steps {steps} --seeds "
         f"{args.seeds}` on {device} ({cpu}), 2 ranks: {runs_seconds / 60:.0f} minutes for the {len(runs)} runs "
         f"(training and scoring). {args.note + ' ' if args.note else ''}"
         f"The `tiny` student, {steps} steps, `{' '.join(bench.recipe)}`; alpha 0.5 and temperature 2 for every "

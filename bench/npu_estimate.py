@@ -1,7 +1,7 @@
 """The NPU latency estimate (deploy/estimate.py) for each preset and precision on RV1126B, with its calibration.
 
-    python bench/npu_estimate.py                    # tiny, balanced, bergamot; w8a8, fp16, w4a16, hybrid
-    python bench/npu_estimate.py --tokens 20 --presets balanced
+    python -m bench.npu_estimate                    # tiny, balanced, bergamot; w8a8, fp16, w4a16, hybrid
+    python -m bench.npu_estimate --tokens 20 --presets balanced
 
 Each preset's student is built with random weights (the estimate reads shapes, not values) at the lengths a preset is
 deployed with (S = Tc = 48), its encoder and decoder-step graphs exported as deploy exports them (docs/CONTRACTS.md),
@@ -18,10 +18,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.results_io import write_results
 
-from results_io import write_results  # noqa: E402 -- bench/ is sys.path[0]
+ROOT = Path(__file__).resolve().parents[1]
+
 
 PRESETS = ("tiny", "balanced", "bergamot")
 PRECISIONS = ("w8a8", "fp16", "w4a16", "hybrid")

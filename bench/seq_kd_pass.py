@@ -1,8 +1,8 @@
 """Sources/s of the seq-KD teacher pass (the teacher translating every scheduled training source before step 1),
 for each teacher placement, on a fresh cache every time.
 
-    python bench/seq_kd_pass.py                     # CPU: 2 ranks, the 32M-parameter Qwen2-shaped random teacher
-    python bench/seq_kd_pass.py --shape gpu         # every GPU, the Qwen1.5-1.8B shape (random weights), bf16
+    python -m bench.seq_kd_pass                     # CPU: 2 ranks, the 32M-parameter Qwen2-shaped random teacher
+    python -m bench.seq_kd_pass --shape gpu         # every GPU, the Qwen1.5-1.8B shape (random weights), bf16
 
 Each placement is one real `train_ds.py --stage distill` job halted after step 1; the figure is read from the
 run's own log line ("seq_kd: N teacher translations in S s"). A random teacher never emits its end token, so
@@ -20,11 +20,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+from bench.results_io import write_results
+from bench.train_step import CACHE, SETTINGS, free_port, prepare_inputs
 
-from results_io import write_results  # noqa: E402
-from train_step import CACHE, SETTINGS, free_port, prepare_inputs  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
 
 PASS_LINE = re.compile(r"seq_kd: (\d+) teacher translations in ([\d.]+) s")
 

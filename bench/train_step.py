@@ -1,8 +1,8 @@
 """Tokens/s of the full distillation step under DeepSpeed ZeRO-3 against the teacher-forward-only ceiling,
 measured in the same run on the same batches, for each teacher placement.
 
-    python bench/train_step.py                      # CPU: 2 ranks, a 32M-parameter Qwen2-shaped teacher
-    python bench/train_step.py --shape gpu          # every GPU, the Qwen1.5-1.8B shape (random weights), bf16
+    python -m bench.train_step                      # CPU: 2 ranks, a 32M-parameter Qwen2-shaped teacher
+    python -m bench.train_step --shape gpu          # every GPU, the Qwen1.5-1.8B shape (random weights), bf16
 
 The ceiling is the work no distiller can skip: the teacher's forward pass over the prompt and target, plus
 its kept output rows at target positions. The full step adds the student's forward and backward, the fused
@@ -22,12 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-CACHE = ROOT / "bench" / ".cache"
+from bench.results_io import write_results
 
-from results_io import write_results  # noqa: E402 -- bench/ is sys.path[0]
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "bench" / ".cache"
 
 
 @dataclass(frozen=True)
@@ -144,7 +142,7 @@ def free_port() -> int:
 def prepare_inputs(setting: Setting) -> tuple[Path, Path]:
     """The catalog corpus and a random teacher of the setting's shape, built once under bench/.cache."""
     import corpus
-    import make_tiny_teacher
+    from scripts import make_tiny_teacher
     catalogs = CACHE / "catalogs"
     if not (catalogs / "train.jsonl").is_file():
         corpus.build_catalog_corpus("/usr/share/locale", catalogs)
@@ -161,7 +159,7 @@ def run_job(setting: Setting, placement: str, corpus: Path, teacher: Path, ranks
     result = run / "result.json"
     result.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-           "--master_port", str(free_port()), str(Path(__file__).resolve()), "--_worker",
+           "--master_port", str(free_port()), "--module", "bench.train_step", "--_worker",
            "--batches", str(setting.batches), "--warmup", str(setting.warmup), "--result", str(result),
            "--stage", "distill", "--teacher", str(teacher), "--data", str(corpus), "--out", str(run),
            "--preset", setting.preset, "--teacher_placement", placement,

@@ -106,7 +106,7 @@ def check_pairs(flag: str, path: Path) -> None:
     expected = "expected a .jsonl or .tsv file of zh/en pairs"
     if not path.is_file():
         what = "a folder" if path.is_dir() else "does not exist"
-        hint = (" (build the corpus: python scripts/build_corpus.py --out data/catalogs --labels data/labels)"
+        hint = (" (build the corpus: python -m scripts.build_corpus --out data/catalogs --labels data/labels)"
                 if not path.exists() and path.parts[:1] == ("data",) else "")
         raise DeployError(f"{flag} {path}: {what}; {expected}{hint}")
     if path.suffix not in PAIR_SUFFIXES:

@@ -1,6 +1,6 @@
 """Build the zh<->en corpus from the machine's gettext catalogs, split by catalog.
 
-    python scripts/build_corpus.py --gettext /usr/share/locale --out data/catalogs [--labels data/labels]
+    python -m scripts.build_corpus --gettext /usr/share/locale --out data/catalogs [--labels data/labels]
 
 Writes OUT/train.jsonl, OUT/valid.jsonl, OUT/test.jsonl ({"zh", "en", "catalog"} a line) and OUT/stats.json.
 With --labels, also the short-label subset of each split (at most --label_words English words: menu items and
@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from corpus import MAX_CHARS, CorpusError, build_catalog_corpus, write_label_subset  # noqa: E402
+from corpus import MAX_CHARS, CorpusError, build_catalog_corpus, write_label_subset
 
 
 def main(argv: list[str] | None = None) -> int:

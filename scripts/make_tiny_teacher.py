@@ -1,6 +1,6 @@
 """Build a small, randomly initialised Qwen2 teacher folder that loads like a real Qwen checkpoint.
 
-    python scripts/make_tiny_teacher.py --corpus data/catalogs --out models/tiny-qwen [--size tiny|small]
+    python -m scripts.make_tiny_teacher --corpus data/catalogs --out models/tiny-qwen [--size tiny|small]
 
 Trains a Qwen2-style byte-level BPE tokenizer on both sides of CORPUS/train.jsonl, then writes OUT/ with
 tokenizer.json, tokenizer_config.json (ChatML template), config.json, generation_config.json and
@@ -21,10 +21,8 @@ from typing import TYPE_CHECKING, Iterable, Protocol
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers import processors, trainers
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from corpus import CorpusError, read_pairs  # noqa: E402
-from vocabulary import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN  # noqa: E402
+from corpus import CorpusError, read_pairs
+from vocabulary import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN
 
 if TYPE_CHECKING:
     from transformers import Qwen2ForCausalLM, Qwen2TokenizerFast
@@ -235,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         info = build_teacher(pairs, args.out, args.size, args.vocab_size, args.seed, args.force, args.dtype,
                              args.attention_dropout)
     except CorpusError as exc:
-        print(f"make_tiny_teacher: no usable corpus: {exc} (build one with scripts/build_corpus.py)", file=sys.stderr)
+        print(f"make_tiny_teacher: no usable corpus: {exc} (build one with: python -m scripts.build_corpus)", file=sys.stderr)
         return 2
     except (FileExistsError, ValueError) as exc:
         print(f"make_tiny_teacher: {exc}", file=sys.stderr)

@@ -70,18 +70,18 @@ stage() {  # stage NAME DONE_MARKER: true when the stage should run (an empty ma
 }
 
 if stage corpus data/labels/stats.json; then
-  run $PY scripts/build_corpus.py --gettext /usr/share/locale --out data/catalogs --labels data/labels
+  run $PY -m scripts.build_corpus --gettext /usr/share/locale --out data/catalogs --labels data/labels
 fi
 START=$STORED
 [ "$TEACHER" = scratch ] && START=models/tiny-qwen
 if stage teacher ""; then  # cheap: the stored teacher is always checked against this machine's corpus
-  if [ "$TEACHER" = stored ] && ! run $PY scripts/stored_teacher.py check "$STORED" data/catalogs; then
+  if [ "$TEACHER" = stored ] && ! run $PY -m scripts.stored_teacher check "$STORED" data/catalogs; then
     echo "quickstart: the stored teacher does not fit this machine's corpus (see above); fine-tuning one from" \
          "random weights instead (TEACHER=scratch)" >&2
     TEACHER=scratch START=models/tiny-qwen
   fi
   if [ "$TEACHER" = scratch ] && { [ "$FORCE" = 1 ] || [ ! -e "$START/config.json" ]; }; then
-    run $PY scripts/make_tiny_teacher.py --corpus data/labels --out "$START" --vocab_size 3000 \
+    run $PY -m scripts.make_tiny_teacher --corpus data/labels --out "$START" --vocab_size 3000 \
       --attention_dropout 0.1 --force
   fi
 fi

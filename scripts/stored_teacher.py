@@ -1,9 +1,9 @@
 """The stored teacher the quickstart starts from: store one from a finished `train_ds.py --stage sft` run, and check
 that it fits this machine's corpus.
 
-    python scripts/stored_teacher.py save --run RUN --corpus data/catalogs --out models/tiny-qwen-catalogs \
+    python -m scripts.stored_teacher save --run RUN --corpus data/catalogs --out models/tiny-qwen-catalogs \
         --command "the exact command that trained it" --eval zh-en.json --eval en-zh.json
-    python scripts/stored_teacher.py check models/tiny-qwen-catalogs data/catalogs
+    python -m scripts.stored_teacher check models/tiny-qwen-catalogs data/catalogs
 
 A teacher trained on the catalog corpus must never have seen a catalog that this machine's corpus puts in its valid
 or test split: its scores there would be memory, not translation. `save` records which catalogs the run trained on
@@ -29,7 +29,7 @@ class StoredTeacherError(ValueError):
 def corpus_catalogs(corpus: Path) -> dict[str, list[str]]:
     stats = corpus / "stats.json"
     if not stats.is_file():
-        raise StoredTeacherError(f"{stats}: not found; build the corpus first (python scripts/build_corpus.py)")
+        raise StoredTeacherError(f"{stats}: not found; build the corpus first (python -m scripts.build_corpus)")
     return json.loads(stats.read_text())["catalogs"]
 
 

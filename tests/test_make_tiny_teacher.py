@@ -20,15 +20,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from corpus import Pair, problem_with, write_jsonl
+from qwen_real_tokenizer import load_real_qwen_tokenizer, save_real_qwen_folder
+from scripts.make_tiny_teacher import CHAT_TEMPLATE, QWEN2_SPLIT_PATTERN, make_tiny_teacher
+from vocabulary import byte_token_ids
+
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "scripts" / "make_tiny_teacher.py"
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-
-from make_tiny_teacher import CHAT_TEMPLATE, QWEN2_SPLIT_PATTERN, make_tiny_teacher  # noqa: E402
-from qwen_real_tokenizer import load_real_qwen_tokenizer, save_real_qwen_folder  # noqa: E402
-
-from corpus import Pair, problem_with, write_jsonl  # noqa: E402
-from vocabulary import byte_token_ids  # noqa: E402
 
 LOCALE_DIR = Path("/usr/share/locale/zh_CN/LC_MESSAGES")
 N_PAIRS = 400
@@ -78,7 +75,7 @@ def model(teacher_dir: Path):
 
 def run_cli(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "scripts.make_tiny_teacher", *args], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=300)
 
 
@@ -164,7 +161,7 @@ def test_seed_fixes_the_weights(pairs: list[Pair], tmp_path: Path, model) -> Non
 
 def test_bfloat16_teacher_is_the_float32_one_rounded(pairs: list[Pair], tmp_path: Path, model) -> None:
     """--dtype bfloat16 (benchmark-sized teachers: half the disk): same seed, the same weights rounded to bf16."""
-    from make_tiny_teacher import build_teacher
+    from scripts.make_tiny_teacher import build_teacher
     half = build_teacher(pairs, tmp_path / "bf16", vocab_size=VOCAB, dtype="bfloat16").path
     assert json.loads((half / "config.json").read_text())["dtype"] == "bfloat16"
     loaded = AutoModelForCausalLM.from_pretrained(half)
@@ -175,7 +172,7 @@ def test_bfloat16_teacher_is_the_float32_one_rounded(pairs: list[Pair], tmp_path
 def test_attention_dropout_is_saved_and_only_trains(pairs: list[Pair], tmp_path: Path, model) -> None:
     """--attention_dropout (the stored teacher's regulariser): in config.json, active in train mode only; the same
     seed gives the same weights."""
-    from make_tiny_teacher import build_teacher
+    from scripts.make_tiny_teacher import build_teacher
     folder = build_teacher(pairs, tmp_path / "dropout", vocab_size=VOCAB, attention_dropout=0.1).path
     assert json.loads((folder / "config.json").read_text())["attention_dropout"] == 0.1
     loaded = AutoModelForCausalLM.from_pretrained(folder)

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 import step_log
-from conftest import ROOT  # noqa: F401 -- puts the repository on sys.path
 from inference import report
 
 DIRECTIONS = ("zh-en", "en-zh")

