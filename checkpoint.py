@@ -126,7 +126,7 @@ class Checkpoints:
         """Every rank writes its shards under a partial name; once all are done rank 0 renames the folder and only
         then moves `latest`: a crash at any point leaves the previous checkpoint the latest."""
         client = {**dataclasses.asdict(state), "stage": stage, "total_steps": total_steps}
-        if state.stream is None:
+        if state.stream is None:  # a corpus in memory: its position is batches_done
             del client["stream"]
         tag = f"step{state.step}"
         engine.save_checkpoint(str(self.folder), tag=tag + PARTIAL, client_state=client, save_latest=False)

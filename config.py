@@ -304,6 +304,11 @@ def load_file(path: str | Path) -> dict:
     return data
 
 
+# Sections a run's config.json held once and that configure nothing now (deploy/ takes its own flags): skipped, so
+# `--config RUN/config.json` (how scripts/convert_checkpoint.sh resumes) still takes an older run's file.
+RETIRED_SECTIONS = ("deploy",)
+
+
 def from_mapping(data: dict, cfg: Config | None = None, origin: str = "config") -> Config:
     """Apply a nested mapping on top of cfg (a preset named in it is applied first)."""
     cfg = cfg or Config()
@@ -311,6 +316,8 @@ def from_mapping(data: dict, cfg: Config | None = None, origin: str = "config") 
     if preset and preset != "custom":
         apply_preset(cfg, preset)
     for section, values in data.items():
+        if section in RETIRED_SECTIONS:
+            continue
         if section not in SECTIONS:
             raise ConfigError(f"{origin}: unknown section {section!r}; sections are {', '.join(SECTIONS)}")
         if not isinstance(values, dict):
@@ -394,8 +401,9 @@ def from_json_file(path: str | Path) -> Config:
 CHECKPOINT_TAG = re.compile(r"step\d+(_universal)?")
 
 
-def parse_run_args(argv: list[str], description: str, on_gpu: bool) -> tuple[argparse.Namespace, Config]:
-    """train_ds.py's command line: the run's own flags, then every config field. A config problem exits with one
+def parse_run_args(argv: list[str], description: str, has_gpu) -> tuple[argparse.Namespace, Config]:
+    """train_ds.py's command line: the run's own flags, then every config field; has_gpu() says whether the GPU
+    defaults apply (asked only once the flags parse: --help needs no DeepSpeed). A config problem exits with one
     line (the usage text would bury it)."""
     if argv and argv[0] == "export":  # `train_ds.py export --ckpt ... --out ...`
         argv = ["--stage", "export", *argv[1:]]
@@ -418,7 +426,7 @@ def parse_run_args(argv: list[str], description: str, on_gpu: bool) -> tuple[arg
             parser.error(f"{flag} {tag!r}: give a checkpoint tag such as step200 (or step200_universal, made by "
                          "scripts/convert_checkpoint.sh), or nothing for the latest")
     try:
-        cfg = from_args(args, on_gpu=on_gpu)
+        cfg = from_args(args, on_gpu=has_gpu())
     except ConfigError as exc:
         parser.exit(2, f"train_ds.py: {exc} (train_ds.py --help lists every flag)\n")
     return args, cfg

@@ -232,7 +232,7 @@ def make_batches(examples: Sequence[Example], micro_batch_size: int, tokens_per_
 @dataclass(frozen=True)
 class StreamPosition:
     """Where a stream resumes: the epoch, the index into that epoch's window order, and this rank's next batch
-    within the window. Saved with every checkpoint (train_ds.py) so a resumed run reads on from there."""
+    within the window. Saved with every checkpoint (checkpoint.TrainState) so a resumed run reads on from there."""
     epoch: int = 0
     window: int = 0
     batch: int = 0

@@ -91,6 +91,7 @@ def start_processes() -> Processes:
 
 
 def free_port() -> int:
+    """A port nobody listens on now (each launch gets its own, so parallel or back-to-back runs never share one)."""
     import socket
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -192,7 +193,8 @@ def build_engine(model, ds: dict, cfg: config_lib.Config, total_steps: int):
     """A trained model's DeepSpeed engine: AdamW and warm-up + cosine, from the JSON or from torch.
 
     Under `accelerate launch` the engine comes from accelerator.prepare (the frozen teacher keeps its own
-    deepspeed.initialize in build_models); with DeepSpeed, accelerate returns the DeepSpeedEngine itself."""
+    deepspeed.initialize in teacher.load_frozen_teacher); with DeepSpeed, accelerate returns the DeepSpeedEngine
+    itself."""
     import deepspeed
     optimizer = None
     if "optimizer" not in ds:  # DeepSpeed's own AdamW is CUDA/CPU-Adam specific; torch's runs everywhere
@@ -210,8 +212,8 @@ def build_engine(model, ds: dict, cfg: config_lib.Config, total_steps: int):
     if named and Path(named).resolve() != Path(cfg.train.ds_config).resolve():
         raise config_lib.ConfigError(f"the accelerate config's deepspeed_config_file {named} is not --ds_config "
                                      f"{cfg.train.ds_config}; drop it from the YAML and pass --ds_config")
-    # main's deepspeed.init_distributed made the process group; naming its backend lets accelerate count its
-    # ranks (with no backend on CPU it counts one: "No backend == no distributed training", accelerate/state.py)
+    # init_processes's deepspeed.init_distributed made the process group; naming its backend lets accelerate count
+    # its ranks (with no backend on CPU it counts one: "No backend == no distributed training", accelerate/state.py)
     accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds),
                               gradient_accumulation_steps=ds["gradient_accumulation_steps"],
                               kwargs_handlers=[InitProcessGroupKwargs(backend=dist.get_backend())])

@@ -1,7 +1,7 @@
 """Distillation losses, fused with both models' output layers and computed chunk by chunk over tokens.
 
 The teacher's and the student's next-token distributions both live on the student's trimmed vocabulary of
-K ids: the teacher's output-layer rows for the kept ids are gathered once at start-up (train_ds.py), so
+K ids: the teacher's output-layer rows for the kept ids are gathered once at start-up (teacher.split_teacher_head), so
 neither model's logits are ever computed over the full 151,936-id vocabulary.
 
     loss = alpha * T^2 * D(teacher_T, student_T) + (1 - alpha) * CE(student, labels)

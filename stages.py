@@ -265,19 +265,25 @@ class DistillStage(Stage):
                                     batch["target_positions"]))
         return out.loss_parts
 
+    def __init__(self, cfg: config_lib.Config):
+        super().__init__(cfg)
+        self.seq_kd_cache: tuple[Path, dict, dict] | None = None  # (path, header, entries), by check_targets_cache
+
     def check_targets_cache(self, prepared, run) -> None:
         if self.cfg.distill.seq_kd:
-            self.seq_kd_path = seq_kd.cache_path(self.cfg, run)
-            self.seq_kd_header = seq_kd.cache_header(self.cfg, prepared.train_examples, prepared.builder)
-            self.seq_kd_cached = seq_kd.read_cache(self.seq_kd_path, self.seq_kd_header)
+            path = seq_kd.cache_path(self.cfg, run)
+            header = seq_kd.cache_header(self.cfg, prepared.train_examples, prepared.builder)
+            self.seq_kd_cache = path, header, seq_kd.read_cache(path, header)
 
     def training_targets(self, prepared, models, device) -> dict[str, list[int]]:
         """seq_kd: the teacher's cached translation replaces the reference as target, example by example."""
         if not self.cfg.distill.seq_kd:
             return {}
-        return seq_kd.teacher_targets(self.cfg, prepared, models.teacher, models.teacher_rows, self.seq_kd_header,
-                                      self.seq_kd_cached, self.seq_kd_path, device,
-                                      all_done=None if models.teacher_whole else engine_lib.lockstep(device))
+        if self.seq_kd_cache is None:
+            raise RuntimeError("DistillStage.training_targets needs check_targets_cache first (it reads the cache)")
+        path, header, cached = self.seq_kd_cache
+        return seq_kd.teacher_targets(self.cfg, prepared, models.teacher, models.teacher_rows, header, cached, path,
+                                      device, all_done=None if models.teacher_whole else engine_lib.lockstep(device))
 
     def is_on_policy_step(self, step: int) -> bool:
         return seq_kd.is_on_policy_step(self.cfg.train.seed, step, self.cfg.distill.on_policy_ratio)

@@ -2,7 +2,7 @@
 (resident, sharded or offloaded), its output layer cut to the student's kept ids, and its forward passes.
 
 The frozen teacher of a distillation is never trained: it is either a plain module on every rank or a ZeRO-3 engine
-of its own beside the student's (a frozen model next to a trained one needs its own; see shared/REFERENCE.md).
+of its own beside the student's (a DeepSpeed engine holds one model and its optimiser; the frozen one has none).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def load_frozen_teacher(cfg: config_lib.Config, prepared, placement: str, dtype:
     """(teacher body, its output rows for the kept ids [K, H] on device, hf_ds to keep alive or None).
 
     Resident: a plain module loaded straight onto this rank's device. Otherwise: partitioned while it loads, inside
-    a ZeRO-3 engine of its own (a frozen model next to a trained one needs its own; see REFERENCE)."""
+    a ZeRO-3 engine of its own (a frozen model next to a trained one needs its own)."""
     import deepspeed
     from transformers import AutoModelForCausalLM
     path, trust = cfg.train.teacher, cfg.train.trust_remote_code

@@ -42,11 +42,11 @@ log = logging.getLogger("train_ds")
 
 def main(argv: list[str] | None = None) -> None:
     quiet_unless_terminal()
-    args, cfg = config_lib.parse_run_args(sys.argv[1:] if argv is None else argv, __doc__, engine.has_gpu())
+    args, cfg = config_lib.parse_run_args(sys.argv[1:] if argv is None else argv, __doc__, engine.has_gpu)
     config_lib.check_run_paths(args, cfg)
     if args.stage == "export":
-        stage_name = checkpoint.export(Path(args.ckpt), args.tag, Path(cfg.train.out))
-        print(f"exported {stage_name} model to {cfg.train.out}")
+        out = Path(cfg.train.out)
+        print(f"exported {checkpoint.export(Path(args.ckpt), args.tag, out)} model to {out}")
         return
     stage = stages.STAGES[args.stage](cfg)
 

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.results_io import write_results
+from engine import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,12 +98,6 @@ class Bench:
 LABELS_SFT = ["--config", "scripts/recipes/labels-sft.yaml", "--seed", "0"]  # the quickstart's, on the stored teacher
 TEACHER_SFT = ["--max_steps", "800", "--eval_every", "800", "--save_every", "800", "--micro_batch_size", "32",
                "--lr", "3e-3", "--warmup_steps", "30", "--data.valid_subset", "64", "--log_every", "50", "--seed", "0"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def deepspeed(args: list[str], log: Path, tries: int = 2) -> float:

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.results_io import write_results
-from bench.train_step import CACHE, SETTINGS, free_port, prepare_inputs
+from bench.train_step import CACHE, SETTINGS, prepare_inputs
+from engine import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.results_io import write_results
+from engine import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / ".cache"
@@ -63,7 +63,7 @@ def worker(argv: list[str]) -> None:
     parser.add_argument("--warmup", type=int, required=True)
     parser.add_argument("--result", type=Path, required=True)
     own, rest = parser.parse_known_args(argv)
-    _, cfg = config_lib.parse_run_args(rest, __doc__, engine.has_gpu())
+    _, cfg = config_lib.parse_run_args(rest, __doc__, engine.has_gpu)
     procs = engine.start_processes()  # the run's own set-up: this rank's device bound, then the process group
     rank, world, device, on_gpu = procs.rank, procs.world, procs.device, procs.on_gpu
     accelerator = get_accelerator()
@@ -132,12 +132,6 @@ def worker(argv: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------- driver (one process)
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def prepare_inputs(setting: Setting) -> tuple[Path, Path]:
     """The catalog corpus and a random teacher of the setting's shape, built once under bench/.cache."""

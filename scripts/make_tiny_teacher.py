@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         info = build_teacher(pairs, args.out, args.size, args.vocab_size, args.seed, args.force, args.dtype,
                              args.attention_dropout)
     except CorpusError as exc:
-        print(f"make_tiny_teacher: no usable corpus: {exc} (build one with: python -m scripts.build_corpus)", file=sys.stderr)
+        print(f"make_tiny_teacher: no usable corpus: {exc} (build one with: python -m scripts.build_corpus)",
+              file=sys.stderr)
         return 2
     except (FileExistsError, ValueError) as exc:
         print(f"make_tiny_teacher: {exc}", file=sys.stderr)

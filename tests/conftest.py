@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 import corpus
 import data
 import vocabulary
+from engine import free_port
 
 ROOT = Path(__file__).resolve().parent.parent  # on sys.path (pytest.ini): every module imports as in the run
 
@@ -94,13 +94,6 @@ COMMON = ["--micro_batch_size", "8", "--data.valid_subset", "8", "--log_every", 
 SFT = ["--max_steps", "12", "--eval_every", "12", *COMMON]
 DISTILL = ["--stage", "distill", "--max_steps", "24", "--eval_every", "12", "--lr", "3e-3", "--warmup_steps", "4",
            "--data.vocab_size", "600", *COMMON]
-
-
-def free_port() -> int:
-    """A port nobody listens on now (each launch gets its own, so parallel or back-to-back runs never share one)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(*args: str, fault: str = "", check: bool = True, num_gpus: int = 2) -> subprocess.CompletedProcess:

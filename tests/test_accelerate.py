@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, free_port, launch
+from conftest import ROOT, launch
+from engine import free_port
 
 ARGS = ["--stage", "distill", "--max_steps", "4", "--save_every", "100", "--eval_every", "100", "--keep", "2",
         "--micro_batch_size", "8", "--data.tokens_per_batch", "0", "--data.valid_subset", "4",

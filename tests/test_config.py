@@ -64,11 +64,14 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_a_saved_config_with_a_section_since_removed_still_loads(tmp_path):
-    """A run saved before config.py lost its deploy section (deploy/ takes its own flags) still loads for export."""
+    """A run saved before config.py lost its deploy section (deploy/ takes its own flags) still loads, for export and
+    as --config."""
     cfg = parse(["--preset", "bergamot"])
     saved = {**cfg.to_dict(), "deploy": {"target": "rv1126b", "precision": "auto", "opset": 17}}
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert cfg_lib.from_json_file(tmp_path / "config.json") == cfg
+    # and as --config, the way scripts/convert_checkpoint.sh resumes a run
+    assert parse(["--config", str(tmp_path / "config.json")]) == cfg
 
 
 def test_every_field_has_help():

@@ -34,7 +34,7 @@ RUN_ARGS = ["--stage", "distill", "--max_steps", str(MAX_STEPS), "--save_every",
             "--data.vocab_size", "600", "--lr", "3e-3", "--warmup_steps", "2", "--log_every", "1"]
 # Loss tolerance, as a share of the drop the uninterrupted run made from step 1 to step SAVED + 1 (5.16 -> 3.27,
 # i.e. 1.9, when measured). At the step-4 weights the loss of one 8-sentence micro-batch varies with sd 0.21 over
-# the first 40 batches (range 2.31-3.36, offline, DistillStage.batch_loss in stages.py), so a step of 1 or 4 micro-batches
+# the first 40 batches (range 2.31-3.36, offline, stages.DistillStage.batch_loss), so a step of 1 or 4 micro-batches
 # against one of 2 differs by sd 0.10-0.26 depending on how many batches the two share; 0.4 x 1.9 = 0.76 is about
 # 3 sd of the worst case. Measured |differences| over steps 5-8: at most 0.23 (1 rank) and 0.22 (4 ranks), 0.36
 # with the data position counted in global batches. Weights that were not loaded start at the step-1 loss,

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, launch
+from conftest import ROOT, launch
+from engine import free_port
 
 RUN_ARGS = ["--stage", "distill", "--max_steps", "8", "--save_every", "3", "--eval_every", "100", "--keep", "5",
             "--micro_batch_size", "8", "--data.tokens_per_batch", "0", "--data.valid_subset", "4",

@@ -75,8 +75,8 @@ def model(teacher_dir: Path):
 
 def run_cli(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "scripts.make_tiny_teacher", *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=300)
+    return subprocess.run([sys.executable, "-m", "scripts.make_tiny_teacher", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
 
 
 # --------------------------------------------------------------------------- the folder

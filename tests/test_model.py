@@ -118,7 +118,7 @@ def test_beam_search_of_width_one_is_greedy_and_wider_scores_no_worse():
 
 
 def test_sampling_is_seeded_never_emits_bos_or_pad_and_is_seed_free_when_cold():
-    """The on-policy steps of train_ds.py sample the student's translations with generate(temperature=...)."""
+    """The on-policy steps (seq_kd.on_policy_loss) sample the student's translations with generate(temperature=...)."""
     model = tiny("transformer")
     special = {model.config.bos_token_id, model.config.pad_token_id}
     inputs = batch()  # before seeding: batch() seeds the generator itself

@@ -22,8 +22,8 @@ VALIDATION = {"step": 120, "loss": 3.2, "kd": 1.1, "ce": 4.0, "bleu": 1.5, "chrf
 
 @pytest.fixture
 def exported(student_folder, tiny_teacher, small_corpus, tmp_path):
-    """The student as train_ds.py's save_folder leaves it: weights, tokenizer, vocab map, training_config.json
-    (the resolved Config) and metrics.json (the validation result of the exported step)."""
+    """The student as the distill stage's save_folder (stages.py) leaves it: weights, tokenizer, vocab map,
+    training_config.json (the resolved Config) and metrics.json (the validation result of the exported step)."""
     folder = shutil.copytree(student_folder, tmp_path / "final")
     cfg = config.Config()
     cfg.train.teacher, cfg.data.path, cfg.distill.kd_loss = str(tiny_teacher), str(small_corpus), "jsd"

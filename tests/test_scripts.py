@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SCRIPT_VARIABLES, free_port, run_script, step_losses
+from conftest import ROOT, SCRIPT_VARIABLES, run_script, step_losses
+from engine import free_port
 
 # Two optimiser steps, one evaluation and one checkpoint: the whole run, as small as it gets.
 TINY = ["--max_steps", "2", "--eval_every", "2", "--save_every", "2", "--log_every", "1",
@@ -116,13 +117,14 @@ def test_readme_commands_resolve(script, env, expected):
     """The README's exact variable settings (a 4-GPU node that is not here) resolve to a command that
     train_ds.py's own parser accepts, with every flag in range."""
     import config as config_lib
+    import engine
     result = run_script(script, {**env, "DRY_RUN": "1"}, timeout=30)
     name = script.removesuffix(".sh")
     assert result.stdout.startswith(f"{name}: ") and len(result.stdout.splitlines()) == 1
     launcher, args = split_at_script(printed_command(result.stdout, name))
     assert flag(launcher, "--num_gpus") == "4" and flag(launcher, "--master_port") == "29500"
     assert {key: flag(args, key) for key in expected} == expected
-    _, cfg = config_lib.parse_run_args(args, "", on_gpu=False)
+    _, cfg = config_lib.parse_run_args(args, "", engine.has_gpu)
     assert cfg.train.teacher == expected["--teacher"] and cfg.train.out == expected["--out"]
     if "--preset" in expected:
         assert cfg.model.preset == "balanced" and cfg.model.d_model == 320  # the README's table

@@ -20,9 +20,10 @@ import torch
 
 import config as config_lib
 import data
+import engine
 import seq_kd
 import vocabulary
-from conftest import ROOT, free_port, launch
+from conftest import ROOT, launch
 from corpus import read_pairs
 
 RUN_ARGS = ["--stage", "distill", "--max_steps", "6", "--save_every", "3", "--eval_every", "100", "--keep", "5",
@@ -47,7 +48,7 @@ def single_process_group():
     import torch.distributed as dist
     started = not dist.is_initialized()
     if started:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{engine.free_port()}", rank=0, world_size=1)
     yield
     if started:
         dist.destroy_process_group()
@@ -170,7 +171,7 @@ def test_a_teacher_pass_cut_short_keeps_its_finished_rounds(tiny_teacher, small_
     _, cfg = config_lib.parse_run_args([*RUN_ARGS, "--teacher", str(tiny_teacher), "--data", str(small_corpus),
                                         "--out", str(tmp_path / "run"), "--micro_batch_size", "4", "--max_steps",
                                         "20", "--distill.seq_kd_beams", "1", "--distill.seq_kd_batch", "16"],
-                                       "", on_gpu=False)
+                                       "", engine.has_gpu)
     prepared = data.prepare_run_data("distill", cfg, tmp_path / "run", 0, 1)
     header = seq_kd.cache_header(cfg, prepared.train_examples, prepared.builder)
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
@@ -213,7 +214,7 @@ def test_seq_kd_and_on_policy_cache_reuse_resume_and_staleness(tiny_teacher, sma
 
     # Half of the run's examples already have a (hand-made) translation in the cache: the run must translate only
     # the other half with the teacher, train on the cached ones, and write the union back.
-    _, cfg = config_lib.parse_run_args(args(tmp_path / "full"), "", on_gpu=False)
+    _, cfg = config_lib.parse_run_args(args(tmp_path / "full"), "", engine.has_gpu)
     prepared = data.prepare_run_data("distill", cfg, tmp_path / "prep", 0, 2)
     header = seq_kd.cache_header(cfg, prepared.train_examples, prepared.builder)
     scheduled = seq_kd.scheduled_indices(prepared.train_examples, cfg, 2, prepared.batches_per_epoch,
@@ -250,7 +251,7 @@ def test_seq_kd_and_on_policy_cache_reuse_resume_and_staleness(tiny_teacher, sma
     lines = (corpus / "train.jsonl").read_text().splitlines(keepends=True)
     (corpus / "train.jsonl").write_text("".join(lines[1:]))
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(engine.free_port())}
     result = subprocess.run([sys.executable, "train_ds.py", *args(tmp_path / "stale", corpus)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 import config as config_lib
+import engine
 import teacher
 from conftest import ROOT
 from scripts import stored_teacher
@@ -73,7 +74,7 @@ def test_the_quickstart_recipes_load_as_configs(recipe, stage):
     """The files quickstart.sh and bench/kd_methods.py pass as --config: valid, on the label subset, ZeRO-2,
     whole batches of 32; a flag after them still wins."""
     _, cfg = config_lib.parse_run_args(["--stage", stage, "--config", str(ROOT / "scripts" / "recipes" / recipe),
-                                        "--max_steps", "7"], "", on_gpu=False)
+                                        "--max_steps", "7"], "", engine.has_gpu)
     assert (cfg.data.path, cfg.data.tokens_per_batch, cfg.train.micro_batch_size) == ("data/labels", 0, 32)
     assert cfg.train.ds_config == "ds_configs/zero2.json" and cfg.train.max_steps == 7
     assert cfg.train.lr == (0.0005 if stage == "sft" else 0.002)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import corpus
+import engine
 import vocabulary
 from conftest import COMMON, DISTILL, ROOT, launch, step_losses  # the sft_run/distill_run fixtures live in conftest.py
 
@@ -180,12 +181,12 @@ def test_every_path_is_checked_in_one_line_before_anything_loads(tiny_teacher, s
         (["--stage", "export", "--ckpt", str(tmp_path / "empty")], "not a run's checkpoints folder"),
     ]
     for extra, message in cases:
-        args, cfg = config_lib.parse_run_args([*good, *extra], "", on_gpu=False)
+        args, cfg = config_lib.parse_run_args([*good, *extra], "", engine.has_gpu)
         with pytest.raises((config_lib.ConfigError, corpus.CorpusError), match=re.escape(message)):
             config_lib.check_run_paths(args, cfg)
-    config_lib.check_run_paths(*config_lib.parse_run_args(good, "", on_gpu=False))  # the good ones pass
+    config_lib.check_run_paths(*config_lib.parse_run_args(good, "", engine.has_gpu))  # the good ones pass
     with pytest.raises(SystemExit):
-        config_lib.parse_run_args([*good, "--config", "/nonexistent.yaml"], "", on_gpu=False)
+        config_lib.parse_run_args([*good, "--config", "/nonexistent.yaml"], "", engine.has_gpu)
     assert capsys.readouterr().err.startswith("train_ds.py: --config /nonexistent.yaml: no such file")
 
     # as a user meets it: one line, before any process group starts, whether launched or not
