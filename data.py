@@ -315,10 +315,10 @@ class RunData:
 STREAM_VOCAB_ROWS = 200_000  # rows of a streamed corpus counted for the student's vocabulary
 
 
-def prepare_run_data(stage: str, cfg: Config, run: Path, rank: int, world: int) -> RunData:
-    """Teacher tokenizer, the student's vocabulary (reused from RUN when resuming), aligned examples, and the
-    schedule they give. Every problem in the splits is listed before step 1 (CorpusError), not the first one at
-    hour 30."""
+def prepare_run_data(cfg: Config, run: Path, rank: int, world: int, trimmed_vocabulary: bool) -> RunData:
+    """Teacher tokenizer, the vocabulary (trimmed for a student, reused from RUN when resuming; else the teacher's
+    whole), aligned examples, and the schedule they give. Every problem in the splits is listed before step 1
+    (CorpusError), not the first one at hour 30."""
     from transformers import AutoConfig, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(cfg.train.teacher, trust_remote_code=cfg.train.trust_remote_code)
     teacher_config = AutoConfig.from_pretrained(cfg.train.teacher, trust_remote_code=cfg.train.trust_remote_code)
@@ -337,7 +337,7 @@ def prepare_run_data(stage: str, cfg: Config, run: Path, rank: int, world: int) 
     train_pairs = (arrow_sample(cfg.data.path, STREAM_VOCAB_ROWS, cfg.data.max_chars) if streaming
                    else splits["train"].pairs)
     valid_pairs = splits["valid"].pairs[:cfg.data.valid_subset]
-    if stage == "distill":
+    if trimmed_vocabulary:
         if (run / VocabMap.FILE).is_file():
             vocab = VocabMap.load(run)
             vocab.check_tokenizer(tokenizer, f"teacher {cfg.train.teacher}")

@@ -45,8 +45,9 @@ class Models:
 class Stage:
     """What the sft and distill stages share: evaluation and the exported folder. A subclass says what it trains."""
     name: str
-    trained_region: str   # the StepTimer region its backward and optimiser step count to
-    model_config: str     # RUN/<this> holds the config of the model it exports
+    trained_region: str       # the StepTimer region its backward and optimiser step count to
+    model_config: str         # RUN/<this> holds the config of the model it exports
+    trims_vocabulary: bool    # its model predicts over the student's kept ids, not the teacher's whole vocabulary
 
     def __init__(self, cfg: config_lib.Config):
         self.cfg = cfg
@@ -180,7 +181,7 @@ class Stage:
 
 class SftStage(Stage):
     """Fine-tune the teacher itself: causal-LM loss on the assistant turn (the target) only."""
-    name, trained_region, model_config = "sft", "teacher", "teacher_config"
+    name, trained_region, model_config, trims_vocabulary = "sft", "teacher", "teacher_config", False
 
     def build_models(self, prepared, run, world, use_bf16, on_gpu, device, load_universal=False) -> Models:
         cfg = self.cfg
@@ -223,7 +224,7 @@ class SftStage(Stage):
 
 class DistillStage(Stage):
     """Train the student from the frozen teacher, placed by memory beside it."""
-    name, trained_region, model_config = "distill", "student", "student_config"
+    name, trained_region, model_config, trims_vocabulary = "distill", "student", "student_config", True
 
     def build_models(self, prepared, run, world, use_bf16, on_gpu, device, load_universal=False) -> Models:
         from model import StudentConfig, StudentForTranslation

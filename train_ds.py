@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     dist.barrier()
 
     # ---- data: tokenizer of the teacher, the vocabulary, aligned examples
-    prepared = data.prepare_run_data(stage.name, cfg, run, procs.rank, world)
+    prepared = data.prepare_run_data(cfg, run, procs.rank, world, stage.trims_vocabulary)
     if prepared.builder.has_thinking_switch:
         log.info("chat template: the teacher's has a thinking switch (Qwen3-style); thinking is off, so its "
                  "answer starts with the translation")

@@ -69,8 +69,8 @@ def worker(argv: list[str]) -> None:
     accelerator = get_accelerator()
     cfg.train.ds_config = engine.resolve_ds_config(cfg, "distill", on_gpu)
     engine.setup_logging(Path(cfg.train.out))
-    prepared = data.prepare_run_data("distill", cfg, Path(cfg.train.out), rank, world)
     stage = stages.DistillStage(cfg)
+    prepared = data.prepare_run_data(cfg, Path(cfg.train.out), rank, world, stage.trims_vocabulary)
     models = stage.build_models(prepared, Path(cfg.train.out), world, on_gpu, on_gpu, device)
     builder = prepared.builder
     mine = data.make_batches(prepared.train_examples, cfg.train.micro_batch_size, cfg.data.tokens_per_batch,

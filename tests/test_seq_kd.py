@@ -172,7 +172,7 @@ def test_a_teacher_pass_cut_short_keeps_its_finished_rounds(tiny_teacher, small_
                                         "--out", str(tmp_path / "run"), "--micro_batch_size", "4", "--max_steps",
                                         "20", "--distill.seq_kd_beams", "1", "--distill.seq_kd_batch", "16"],
                                        "", engine.has_gpu)
-    prepared = data.prepare_run_data("distill", cfg, tmp_path / "run", 0, 1)
+    prepared = data.prepare_run_data(cfg, tmp_path / "run", 0, 1, trimmed_vocabulary=True)
     header = seq_kd.cache_header(cfg, prepared.train_examples, prepared.builder)
     teacher = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
     rows = teacher.lm_head.weight.detach()[torch.tensor(prepared.vocab.teacher_ids)]
@@ -215,7 +215,7 @@ def test_seq_kd_and_on_policy_cache_reuse_resume_and_staleness(tiny_teacher, sma
     # Half of the run's examples already have a (hand-made) translation in the cache: the run must translate only
     # the other half with the teacher, train on the cached ones, and write the union back.
     _, cfg = config_lib.parse_run_args(args(tmp_path / "full"), "", engine.has_gpu)
-    prepared = data.prepare_run_data("distill", cfg, tmp_path / "prep", 0, 2)
+    prepared = data.prepare_run_data(cfg, tmp_path / "prep", 0, 2, trimmed_vocabulary=True)
     header = seq_kd.cache_header(cfg, prepared.train_examples, prepared.builder)
     scheduled = seq_kd.scheduled_indices(prepared.train_examples, cfg, 2, prepared.batches_per_epoch,
                                          prepared.total_steps)
