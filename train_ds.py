@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
             shutil.copytree(run / "best", run / "final")
             log.info("best model (BLEU %.2f) exported to %s", state.best_bleu, run / "final")
     dist.barrier()
+    # joins the backend's threads here; left to interpreter exit, a rank whose work is done can still abort
+    # ("terminate called without an active exception") and fail the job
+    dist.destroy_process_group()
 
 
 class StopRequest:
@@ -196,19 +199,7 @@ def train(stage: stages.Stage, cfg: config_lib.Config, procs: engine.Processes, 
         if step % cfg.train.log_every == 0 or step == 1 or evaluating or stopping or last_step:
             steps.flush()
         if evaluating:
-            result = stage.evaluate(models, prepared.builder, prepared.valid_examples, device, on_gpu)
-            entry = {"step": step, **{k: result[k] for k in ("loss", "kd", "ce", "bleu", "chrf")},
-                     "directions": result["directions"]}
-            state.history.append(entry)
-            improved = result["bleu"] > state.best_bleu
-            if improved:
-                state.best_bleu, state.evals_without_gain = result["bleu"], 0
-                weights = checkpoint.consolidated_state(model)
-                if engine.is_main():
-                    stage.save_folder(weights, run, run / "best", {"step": step, **entry})
-            else:
-                state.evals_without_gain += 1
-            steps.write_eval(step, result, entry, improved)
+            evaluate(stage, models, prepared, state, steps, run, device, on_gpu)
             if cfg.train.patience and state.evals_without_gain >= cfg.train.patience:
                 log.info("early stop: no BLEU gain in %d evaluations", state.evals_without_gain)
                 last_step = True
@@ -221,6 +212,24 @@ def train(stage: stages.Stage, cfg: config_lib.Config, procs: engine.Processes, 
             break
     steps.close()
     return stop.reason
+
+
+def evaluate(stage: stages.Stage, models: stages.Models, prepared: data.RunData, state: checkpoint.TrainState,
+             steps: StepLog, run: Path, device, on_gpu: bool) -> None:
+    """Validate at state.step; a better BLEU than any before is exported to RUN/best."""
+    result = stage.evaluate(models, prepared.builder, prepared.valid_examples, device, on_gpu)
+    entry = {"step": state.step, **{k: result[k] for k in ("loss", "kd", "ce", "bleu", "chrf")},
+             "directions": result["directions"]}
+    state.history.append(entry)
+    improved = result["bleu"] > state.best_bleu
+    if improved:
+        state.best_bleu, state.evals_without_gain = result["bleu"], 0
+        weights = checkpoint.consolidated_state(models.engine)  # a collective: every rank takes part
+        if engine.is_main():
+            stage.save_folder(weights, run, run / "best", {"step": state.step, **entry})
+    else:
+        state.evals_without_gain += 1
+    steps.write_eval(state.step, result, entry, improved)
 
 
 if __name__ == "__main__":
