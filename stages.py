@@ -9,6 +9,7 @@ train_ds.py runs either through the same loop: `STAGES[name](cfg)`.
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ class Models:
     teacher_whole: bool = False                # the teacher is a plain module: it decodes with no collective
 
 
-class Stage:
+class Stage(abc.ABC):
     """What the sft and distill stages share: evaluation and the exported folder. A subclass says what it trains."""
     name: str
     trained_region: str       # the StepTimer region its backward and optimiser step count to
@@ -53,26 +54,30 @@ class Stage:
         self.cfg = cfg
 
     # ---- set by each stage
+    @abc.abstractmethod
     def build_models(self, prepared: data.RunData, run: Path, world: int, use_bf16: bool, on_gpu: bool, device,
                      load_universal: bool = False) -> Models:
-        raise NotImplementedError
+        """The trained model's engine and whatever else the stage's loss needs (a frozen teacher)."""
 
+    @abc.abstractmethod
     def batch_loss(self, models: Models, batch: dict, timer: StepTimer) -> LossParts:
-        raise NotImplementedError
+        """The loss of a collated batch on the device (training and validation)."""
 
+    @abc.abstractmethod
     def decodes_whole(self, models: Models, on_gpu: bool) -> bool:
         """Whether the trained model may be gathered whole for decoding (see engine.whole_model)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def translate(self, model, builder: data.ExampleBuilder, chunk: list, batch: dict, device, whole: bool) -> list:
-        raise NotImplementedError
+        """Greedy translations of one batch of examples (chunk, collated as batch)."""
 
+    @abc.abstractmethod
     def folder_weights(self, state_dict: dict, model_config) -> dict:
-        raise NotImplementedError
+        """The weights as the exported folder stores them (model_config may be updated to say so)."""
 
+    @abc.abstractmethod
     def copy_run_files(self, run: Path, folder: Path) -> None:
         """The stage's own files, once the folder holds everything else (a model card reads the metrics)."""
-        raise NotImplementedError
 
     # ---- shared (a stage that trains on something besides the corpus says so)
     def check_targets_cache(self, prepared: data.RunData, run: Path) -> None:
